@@ -1,0 +1,225 @@
+"""The parity gate: a candidate graph against PyTorch on real tokenized text at the profile's shapes.
+
+Differences are measured over real (non-padded) positions only: padded positions carry no meaning and differ
+between runtimes by ~1e-4 while real tokens agree to ~1e-5 (see ../shared/notes/export-and-speed.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from packager.errors import GateFailed, PackagerError
+from packager.iospec import IOSpec
+from packager.recipe import Profile, Tolerances
+from packager.tasks import SEQUENCE, Task
+
+# Short, long (needs truncation at 256 tokens), non-ASCII, emoji, empty: the gate's fixed text set.
+VALIDATION_TEXTS: tuple[str, ...] = (
+    "A man is playing a guitar on stage.",
+    "The quick brown fox jumps over the lazy dog.",
+    "",
+    "Triton serves many models from one repository, each with its own configuration and versions.",
+    "Où est la gare ? Je voudrais un café crème, s'il vous plaît.",
+    "東京は日本の首都です。今日はとても暑いですね。",
+    "Great job team 🎉🚀 see you tomorrow 👋",
+    "Ok.",
+    "Здравствуйте, как у вас дела сегодня?",
+    " ".join(["This sentence is repeated to make a document far longer than the maximum sequence length."] * 40),
+    "Numbers like 3.14159, 2026-11-27 and 1e-9 are tokenized into several pieces.",
+    "def export(model): return torch.onnx.export(model, args, 'model.onnx')",
+)
+
+Inputs = dict[str, np.ndarray]
+Runner = Callable[[Inputs], dict[str, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class ValidationBatch:
+    batch: int
+    sequence: int
+    texts: tuple[str, ...]
+    inputs: Inputs
+    mask: np.ndarray  # (batch, sequence), 1 on real tokens
+
+    @property
+    def shape(self) -> str:
+        return f"{self.batch}x{self.sequence}"
+
+
+def tokenize(tokenizer: PreTrainedTokenizerBase, spec: IOSpec, texts: list[str], sequence: int) -> Inputs:
+    """Tokenize to exactly `sequence` tokens (truncate and pad), in the IO spec's names and dtypes."""
+    encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=sequence, return_tensors="np")
+    return {t.name: np.asarray(encoded[t.name]).astype(t.numpy_dtype) for t in spec.inputs}
+
+
+def make_batches(tokenizer: PreTrainedTokenizerBase, spec: IOSpec, profile: Profile) -> list[ValidationBatch]:
+    """One batch per (batch, sequence) pair of the profile's distinct min/opt/max sizes."""
+    shortest = len(tokenizer("", truncation=False)["input_ids"])
+    if profile.sequence.min < shortest:
+        raise PackagerError(
+            f"profile sequence min {profile.sequence.min} is below the {shortest} tokens the tokenizer gives for an empty text"
+        )
+    batches = []
+    for index, (batch, sequence) in enumerate(
+        (b, s) for b in profile.batch.values() for s in profile.sequence.values()
+    ):
+        texts = tuple(VALIDATION_TEXTS[(index + row) % len(VALIDATION_TEXTS)] for row in range(batch))
+        inputs = tokenize(tokenizer, spec, list(texts), sequence)
+        mask = inputs["attention_mask"] if "attention_mask" in inputs else np.ones((batch, sequence), np.int64)
+        batches.append(ValidationBatch(batch, sequence, texts, inputs, mask))
+    return batches
+
+
+def torch_runner(wrapper: torch.nn.Module, spec: IOSpec) -> Runner:
+    def run(inputs: Inputs) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            outputs = wrapper(*(torch.from_numpy(inputs[name]) for name in spec.input_names))
+        return {name: out.float().numpy() for name, out in zip(spec.output_names, outputs)}
+
+    return run
+
+
+def onnxruntime_session(path: Path, threads: int = 0):
+    """An ONNX Runtime CPU session with idle-thread spinning off, so it does not steal cores when idle."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def onnxruntime_runner(path: Path, spec: IOSpec) -> Runner:
+    session = onnxruntime_session(path)
+
+    def run(inputs: Inputs) -> dict[str, np.ndarray]:
+        outputs = session.run(spec.output_names, {name: inputs[name] for name in spec.input_names})
+        return {name: np.asarray(out, dtype=np.float32) for name, out in zip(spec.output_names, outputs)}
+
+    return run
+
+
+@dataclass(frozen=True)
+class ParityRow:
+    variant: str
+    output: str
+    shape: str
+    max_abs: float
+    max_rel: float  # max |Δ| divided by max |reference| over the same positions
+    metric: str
+    metric_value: float | None
+    passed: bool
+    reason: str  # empty when passed
+    worst_text: str
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    variant: str
+    rows: tuple[ParityRow, ...]
+
+    @property
+    def passed(self) -> bool:
+        return all(row.passed for row in self.rows)
+
+    def worst(self) -> ParityRow:
+        failing = [row for row in self.rows if not row.passed]
+        return max(failing or self.rows, key=lambda row: row.max_rel)
+
+    def summary(self) -> dict:
+        """Per output: the worst difference and metric over all shapes."""
+        result: dict[str, dict] = {}
+        for row in self.rows:
+            entry = result.setdefault(row.output, {"max_abs": 0.0, "max_rel": 0.0, "metric": row.metric, "metric_value": None})
+            entry["max_abs"] = max(entry["max_abs"], row.max_abs)
+            entry["max_rel"] = max(entry["max_rel"], row.max_rel)
+            if row.metric_value is not None:
+                old = entry["metric_value"]
+                entry["metric_value"] = row.metric_value if old is None else min(old, row.metric_value)
+        return {"variant": self.variant, "passed": self.passed, "outputs": result}
+
+    def to_dict(self) -> dict:
+        return {**self.summary(), "rows": [asdict(row) for row in self.rows]}
+
+
+def _cosines(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    ref = reference.reshape(len(reference), -1).astype(np.float64)
+    cand = candidate.reshape(len(candidate), -1).astype(np.float64)
+    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
+    return (ref * cand).sum(axis=1) / np.maximum(norms, 1e-12)
+
+
+def compare_output(
+    variant: str, task: Task, spec: IOSpec, name: str, batch: ValidationBatch,
+    reference: np.ndarray, candidate: np.ndarray, tolerances: Tolerances,
+) -> ParityRow:
+    """One output at one shape: differences over real positions, plus the task metric on the metric output."""
+    if candidate.shape != reference.shape:
+        return ParityRow(variant, name, batch.shape, float("inf"), float("inf"), "", None, False,
+                         f"shape {candidate.shape} != reference {reference.shape}", batch.texts[0])
+    diff = np.abs(candidate.astype(np.float64) - reference.astype(np.float64))
+    scale = np.abs(reference.astype(np.float64))
+    sequence_axis = spec.tensor(name).axis(SEQUENCE)
+    if sequence_axis == 1:  # zero out padded positions
+        real = batch.mask.astype(bool).reshape(batch.mask.shape + (1,) * (diff.ndim - 2))
+        diff, scale = diff * real, scale * real
+    per_row = diff.reshape(len(diff), -1).max(axis=1)
+    max_abs = float(per_row.max())
+    max_rel = max_abs / max(float(scale.max()), 1e-12)
+    worst_text = batch.texts[int(per_row.argmax())]
+    reasons = []
+    if not np.isfinite(candidate).all():
+        reasons.append("non-finite values")
+    if max_abs > tolerances.max_abs:
+        reasons.append(f"max |Δ| {max_abs:.3g} > {tolerances.max_abs:g}")
+    metric, value = "", None
+    if name == task.metric_output:
+        metric = task.metric
+        if metric == "cosine":
+            cosines = _cosines(reference, candidate)
+            value = float(cosines.min())
+            worst_text = batch.texts[int(cosines.argmin())] if value < tolerances.min_cosine else worst_text
+            if value < tolerances.min_cosine:
+                reasons.append(f"cosine {value:.6f} < {tolerances.min_cosine}")
+        else:
+            value = float((reference.argmax(-1) == candidate.argmax(-1)).mean())
+            if value < tolerances.min_argmax_agreement:
+                reasons.append(f"argmax agreement {value:.3f} < {tolerances.min_argmax_agreement}")
+    return ParityRow(variant, name, batch.shape, max_abs, max_rel, metric, value, not reasons, "; ".join(reasons), worst_text)
+
+
+class Validator:
+    """Holds the validation batches and PyTorch's answers, computed once, to check any number of candidates."""
+
+    def __init__(self, task: Task, spec: IOSpec, batches: list[ValidationBatch], reference: Runner, tolerances: Tolerances):
+        self.task, self.spec, self.batches, self.tolerances = task, spec, batches, tolerances
+        self.references = [reference(batch.inputs) for batch in batches]
+
+    def check(self, variant: str, candidate: Runner, tolerances: Tolerances | None = None) -> ParityReport:
+        tolerances = tolerances or self.tolerances
+        rows = []
+        for batch, reference in zip(self.batches, self.references):
+            outputs = candidate(batch.inputs)
+            rows += [
+                compare_output(variant, self.task, self.spec, name, batch, reference[name], outputs[name], tolerances)
+                for name in self.spec.output_names
+            ]
+        return ParityReport(variant, tuple(rows))
+
+
+def require(report: ParityReport) -> ParityReport:
+    """The gate: return the report when it passed, else raise naming the worst case."""
+    if report.passed:
+        return report
+    worst = report.worst()
+    text = worst.worst_text if len(worst.worst_text) <= 60 else worst.worst_text[:57] + "..."
+    raise GateFailed(
+        f"parity gate failed for {report.variant}: output '{worst.output}' at batch x sequence {worst.shape}: "
+        f"{worst.reason} (worst input: {text!r})"
+    )
