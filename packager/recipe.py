@@ -11,6 +11,7 @@ from pathlib import Path
 from packager.errors import UsageError
 
 RECIPE_DIR = resources.files("packager") / "recipes"
+STAGE_SECTIONS = ("serving", "optimize", "tensorrt")
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,11 @@ class Recipe:
     opset: int = 17
     tolerances: Tolerances = field(default_factory=Tolerances)
     description: str = ""
+    # Stage sections, parsed and checked by the stage that owns them (serving -> render, optimize, tensorrt).
+    sections: dict[str, dict] = field(default_factory=dict)
+
+    def section(self, name: str) -> dict:
+        return self.sections.get(name, {})
 
     def replace(self, **changes) -> "Recipe":
         return dataclasses.replace(self, **changes)
@@ -93,7 +99,7 @@ def _section(data: dict, key: str, where: str) -> dict:
 
 def parse_recipe(data: dict, where: str) -> Recipe:
     """Build a Recipe from parsed TOML, naming the file and key of anything wrong."""
-    unknown = set(data) - {"name", "description", "task", "source", "export", "profile", "tolerances"}
+    unknown = set(data) - {"name", "description", "task", "source", "export", "profile", "tolerances"} - set(STAGE_SECTIONS)
     if unknown:
         raise UsageError(f"{where}: unknown keys {sorted(unknown)}")
     source_data = _section(data, "source", where)
@@ -119,6 +125,7 @@ def parse_recipe(data: dict, where: str) -> Recipe:
         ),
         opset=int(_section(data, "export", where).get("opset", 17)),
         tolerances=tolerances,
+        sections={key: _section(data, key, where) for key in STAGE_SECTIONS if key in data},
     )
 
 
