@@ -21,6 +21,7 @@ def fp16_graph(src: Path, dst: Path) -> Path:
     """Write an fp16 copy of `src` to `dst`: fp16 weights and compute, inputs and outputs in their original types,
     FP16_KEEP_FP32_OPS in fp32."""
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
 
     model = onnx.load(str(src))
     try:
@@ -31,5 +32,7 @@ def fp16_graph(src: Path, dst: Path) -> Path:
             )
     except Exception as exc:
         raise PackagerError(f"fp16 conversion of {src.name} failed: {first_line(exc)}") from None
-    onnx.save(half, str(dst))
+    sorted_model = OnnxModel(half)
+    sorted_model.topological_sort()  # the converter appends its Cast nodes at the end; parsers need graph order
+    onnx.save(sorted_model.model, str(dst))
     return dst
