@@ -25,7 +25,8 @@ class Range:
     @classmethod
     def parse(cls, what: str, value: object) -> "Range":
         if isinstance(value, str):
-            value = [int(v) for v in value.replace(",", " ").split()]
+            parts = value.replace(",", " ").split()
+            value = [int(v) for v in parts] if all(v.isdigit() for v in parts) else value
         if not (isinstance(value, (list, tuple)) and len(value) == 3 and all(isinstance(v, int) for v in value)):
             raise UsageError(f"{what} must be three integers min, opt, max; got {value!r}")
         low, opt, high = value

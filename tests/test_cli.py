@@ -1,0 +1,93 @@
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from packager.cli import main
+
+
+def write_recipe(path, model_dir, **tolerances):
+    lines = [f"{k} = {v}" for k, v in tolerances.items()]
+    path.write_text(
+        f'name = "tiny"\ntask = "embeddings"\n[source]\npath = "{model_dir}"\n'
+        '[profile]\nbatch = [1, 2, 4]\nsequence = [2, 16, 32]\n[tolerances]\n' + "\n".join(lines) + "\n"
+    )
+    return path
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(err, *fragments):
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_package_prints_tables_and_writes_artifacts(capsys, tmp_path, tiny_bert_dir):
+    recipe = write_recipe(tmp_path / "tiny.toml", tiny_bert_dir)
+    code, out, _ = run_cli(capsys, "package", str(recipe), "--build-dir", str(tmp_path / "build"))
+    assert code == 0
+    assert "IO spec" in out and "sentence_embedding" in out and "[batch, sequence]" in out
+    assert "Parity against PyTorch" in out and "pass" in out
+    assert sorted(p.name for p in (tmp_path / "build").iterdir()) == ["tiny"]  # no staging leftovers
+    assert {p.name for p in (tmp_path / "build" / "tiny").iterdir()} == {"model.onnx", "iospec.json", "parity.json"}
+
+
+def test_unknown_model_is_exit_2_with_the_known_recipes(capsys):
+    code, _, err = run_cli(capsys, "package", "no-such-model")
+    assert code == 2
+    assert_one_line_error(err, "unknown model 'no-such-model'", "bert")
+
+
+def test_failed_gate_exits_non_zero_and_leaves_nothing(capsys, tmp_path, tiny_bert_dir):
+    recipe = write_recipe(tmp_path / "strict.toml", tiny_bert_dir, min_cosine=1.5)
+    build = tmp_path / "build"
+    code, _, err = run_cli(capsys, "package", str(recipe), "--build-dir", str(build))
+    assert code == 3
+    assert_one_line_error(err, "parity gate failed for onnx", "sentence_embedding", "cosine")
+    assert list(build.iterdir()) == []
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("no-tokenizer", "has no tokenizer files"),
+    ("corrupt-weights", "cannot load weights from"),
+])
+def test_bad_model_folder_is_one_line_error(capsys, tmp_path, tiny_bert_dir, damage, message):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_bert_dir, folder)
+    if damage == "no-tokenizer":
+        for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            (folder / name).unlink(missing_ok=True)
+    else:
+        (folder / "model.safetensors").write_bytes(b"this is not a safetensors file")
+    build = tmp_path / "build"
+    code, _, err = run_cli(capsys, "package", str(folder), "--build-dir", str(build))
+    assert code == 1
+    assert_one_line_error(err, message, str(folder))
+    assert not build.exists() or list(build.iterdir()) == []
+
+
+def test_unwritable_build_folder_is_one_line_error(capsys, tmp_path, tiny_bert_dir):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code, _, err = run_cli(capsys, "package", str(tiny_bert_dir), "--build-dir", str(blocker / "build"))
+    assert code == 1
+    assert_one_line_error(err, "cannot write to the build folder")
+
+
+def test_module_entry_point_lists_recipes():
+    result = subprocess.run([sys.executable, "-m", "packager", "list"], capture_output=True, text=True, check=True)
+    assert "bert" in result.stdout and "embeddings" in result.stdout
+
+
+def test_help_explains_package_options():
+    result = subprocess.run([sys.executable, "-m", "packager", "package", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    for option in ("--task", "--opset", "--batch", "--sequence", "--build-dir"):
+        assert option in result.stdout

@@ -1,0 +1,53 @@
+"""Integration: the embedded all-MiniLM-L6-v2, exported and gated end to end."""
+
+import numpy as np
+import pytest
+
+from packager import pipeline, source, validate
+from packager.errors import GateFailed
+from packager.recipe import load_recipe
+from packager.tasks import get_task
+from tests.test_validate import perturb_largest_weight
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def packaged(tmp_path_factory):
+    return pipeline.package(load_recipe("bert"), tmp_path_factory.mktemp("build"))
+
+
+def test_minilm_passes_the_gate_at_every_profile_shape(packaged):
+    (report,) = packaged.parity
+    assert report.passed
+    assert {row.shape for row in report.rows} >= {"1x2", "8x128", "32x256"}
+    assert packaged.spec.output_names == ["token_embeddings", "sentence_embedding"]
+    assert packaged.spec.tensor("sentence_embedding").dims == ("batch", 384)
+
+
+def test_served_embedding_equals_sentence_transformers(packaged):
+    from sentence_transformers import SentenceTransformer
+
+    recipe = packaged.recipe
+    folder = source.resolve_folder(recipe.source)
+    texts = list(validate.VALIDATION_TEXTS)
+    expected = SentenceTransformer(str(folder), device="cpu").encode(texts, convert_to_numpy=True)
+    tokenizer = source.load(recipe).tokenizer
+    encoded = tokenizer(texts, padding=True, truncation=True, max_length=recipe.profile.sequence.max, return_tensors="np")
+    run = validate.onnxruntime_runner(packaged.model_path, packaged.spec)
+    got = run({t.name: encoded[t.name].astype(t.numpy_dtype) for t in packaged.spec.inputs})["sentence_embedding"]
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, atol=2e-5)
+
+
+def test_a_perturbed_minilm_graph_fails_the_gate(packaged, tmp_path):
+    recipe = packaged.recipe
+    loaded = source.load(recipe)
+    task = get_task(recipe.task)
+    wrapper = task.wrapper(loaded.model, packaged.spec.input_names).eval()
+    batches = validate.make_batches(loaded.tokenizer, packaged.spec, recipe.profile)[:2]
+    validator = validate.Validator(task, packaged.spec, batches, validate.torch_runner(wrapper, packaged.spec),
+                                   recipe.tolerances)
+    perturb_largest_weight(packaged.model_path, tmp_path / "bad.onnx", scale=0.2)
+    with pytest.raises(GateFailed, match="parity gate failed for perturbed"):
+        validate.require(validator.check("perturbed", validate.onnxruntime_runner(tmp_path / "bad.onnx", packaged.spec)))
