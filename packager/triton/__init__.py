@@ -1,0 +1,1 @@
+"""Run a Triton Inference Server for smoke tests: start, wait for readiness, load models, stop."""

@@ -1,0 +1,433 @@
+"""Start, wait for and stop a Triton Inference Server, and load models into it.
+
+Three launchers share one interface (`LAUNCHERS`): `local` runs the tritonserver binary shipped in the
+nvidia-pytriton wheel (python backend only), `docker` runs the NGC container, `url` uses a server that is
+already running. `serve()` always stops what it started, also on errors and Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import closing, contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NoReturn, Protocol
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+from tritonclient.http import InferenceServerClient
+from tritonclient.utils import InferenceServerException
+
+from packager.errors import PackagerError, UsageError
+
+DOCKER_IMAGE_ENV = "TRITON_DOCKER_IMAGE"
+# The NGC release line of the tritonserver (2.51.0) in nvidia-pytriton 0.7.
+DEFAULT_DOCKER_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
+CONTAINER_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
+LOG_TAIL_LINES = 20
+
+# Server flags for every launcher that starts a server. Models are loaded one by one over the API, where a failed
+# load is reported per model and neither stops the server nor (without strict readiness) makes it unready.
+# --exit-on-error stays true: it then only covers start-up failures (e.g. a missing repository), which would
+# otherwise leave a server running that never becomes live.
+SERVER_FLAGS = (
+    "--model-control-mode=explicit",
+    "--strict-readiness=false",
+    "--exit-on-error=true",
+    "--log-verbose=0",
+)
+CPU_FLAGS = (
+    "--pinned-memory-pool-byte-size=0",
+    "--cuda-memory-pool-byte-size=0:0",
+    "--allow-gpu-metrics=false",
+)
+PLATFORM_BACKENDS: dict[str, str | None] = {
+    "onnxruntime_onnx": "onnxruntime",
+    "tensorrt_plan": "tensorrt",
+    "pytorch_libtorch": "pytorch",
+    "tensorflow_graphdef": "tensorflow",
+    "tensorflow_savedmodel": "tensorflow",
+    "ensemble": None,  # built into the server
+}
+
+
+@dataclass
+class TritonServer:
+    """A reachable server. URLs are `host:port`, the form tritonclient takes; `grpc_url` may be unknown."""
+
+    http_url: str
+    grpc_url: str | None
+    log_path: Path | None
+    process: subprocess.Popen | None = field(default=None, repr=False)
+
+    def log_tail(self, n_lines: int = LOG_TAIL_LINES) -> str:
+        """The last `n_lines` lines of the server log ("" when there is no log here)."""
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(lines[-n_lines:])
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """The outcome of loading one model: `error` is Triton's text when the load failed."""
+
+    name: str
+    error: str | None
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class Launcher(Protocol):
+    """Starts and stops one server; built by `serve()` from keyword options."""
+
+    def start(self, repository: Path) -> TritonServer: ...
+
+    def stop(self, server: TritonServer, timeout_s: float) -> None: ...
+
+    @classmethod
+    def backends(cls) -> frozenset[str] | None:
+        """The backends the server will have; None when unknown (assume all)."""
+        ...
+
+
+class LocalLauncher:
+    """The tritonserver binary from the nvidia-pytriton wheel, run in its own process group."""
+
+    def __init__(self, log_path: Path | str | None = None):
+        self._tempdir = tempfile.TemporaryDirectory(prefix="triton-")  # removed on stop, log included
+        self._workdir = Path(self._tempdir.name)
+        self._log_path = Path(log_path) if log_path else self._workdir / "tritonserver.log"
+
+    @classmethod
+    def backends(cls) -> frozenset[str]:
+        return frozenset(path.name for path in (_pytriton_server_dir() / "backends").iterdir() if path.is_dir())
+
+    def start(self, repository: Path) -> TritonServer:
+        server_dir = _pytriton_server_dir()
+        http, grpc, metrics = _free_ports(3)
+        command = [
+            str(server_dir / "bin" / "tritonserver"),
+            f"--model-repository={repository.resolve()}",
+            f"--backend-directory={self._backend_directory(server_dir)}",
+            *_bind_flags("127.0.0.1", http, grpc, metrics),
+            *SERVER_FLAGS,
+            *CPU_FLAGS,
+        ]
+        process = _spawn(command, self._log_path, self._environment())
+        return TritonServer(f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", self._log_path, process)
+
+    def stop(self, server: TritonServer, timeout_s: float) -> None:
+        try:
+            _stop_process(server.process, timeout_s)
+        finally:
+            self._tempdir.cleanup()
+
+    def _backend_directory(self, server_dir: Path) -> Path:
+        """Symlinks to the wheel's backends, plus the python stub for the running Python."""
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        stub = server_dir / "python_backend_stubs" / version / "triton_python_backend_stub"
+        if not stub.exists():
+            raise PackagerError(f"nvidia-pytriton has no python backend stub for Python {version}")
+        backends = self._workdir / "backends"
+        for backend in (server_dir / "backends").iterdir():
+            target = backends / backend.name
+            target.mkdir(parents=True, exist_ok=True)
+            for item in backend.iterdir():
+                if item.name != "__pycache__":
+                    (target / item.name).symlink_to(item)
+        (backends / "python" / stub.name).symlink_to(stub)
+        return backends
+
+    def _environment(self) -> dict[str, str]:
+        """The stub finds the venv through `python3` on PATH and must load this Python's libpython."""
+        env = dict(os.environ)
+        env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
+        libdir = sysconfig.get_config_var("LIBDIR")
+        soname = sysconfig.get_config_var("INSTSONAME")
+        if libdir and soname and (Path(libdir) / soname).exists():
+            env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [libdir, env.get("LD_LIBRARY_PATH")]))
+        cache = self._workdir / "cache"  # onnxruntime writes telemetry here
+        cache.mkdir(exist_ok=True)
+        env["XDG_CACHE_HOME"] = env["TMPDIR"] = str(cache)
+        return env
+
+
+class DockerLauncher:
+    """The NGC tritonserver container, reached through ports published on 127.0.0.1."""
+
+    def __init__(self, image: str | None = None, gpus: bool | None = None, log_path: Path | str | None = None):
+        self.image = image or os.environ.get(DOCKER_IMAGE_ENV) or DEFAULT_DOCKER_IMAGE
+        self.gpus = gpu_present() if gpus is None else gpus
+        self._container = f"triton-packager-{uuid.uuid4().hex[:12]}"
+        self._tempdir = tempfile.TemporaryDirectory(prefix="triton-")  # removed on stop, log included
+        self._log_path = Path(log_path) if log_path else Path(self._tempdir.name) / "tritonserver.log"
+
+    @classmethod
+    def backends(cls) -> None:
+        return None
+
+    def start(self, repository: Path) -> TritonServer:
+        _require_docker_daemon()
+        http, grpc, metrics = _free_ports(3)
+        ports = {"http": http, "grpc": grpc, "metrics": metrics}
+        command = docker_command(repository, image=self.image, container=self._container, ports=ports, gpus=self.gpus)
+        process = _spawn(command, self._log_path, dict(os.environ))
+        return TritonServer(f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", self._log_path, process)
+
+    def stop(self, server: TritonServer, timeout_s: float) -> None:
+        """SIGINT reaches the container through `docker run`; `docker rm -f` covers a client killed early."""
+        try:
+            _stop_process(server.process, timeout_s)
+        finally:
+            subprocess.run(["docker", "rm", "-f", self._container], capture_output=True, check=False)
+            self._tempdir.cleanup()
+
+
+class UrlLauncher:
+    """A server that is already running: nothing is started or stopped."""
+
+    def __init__(self, url: str, grpc_url: str | None = None):
+        self._url = _host_port(url)
+        self._grpc_url = _host_port(grpc_url) if grpc_url else None
+
+    @classmethod
+    def backends(cls) -> None:
+        return None
+
+    def start(self, repository: Path) -> TritonServer:
+        return TritonServer(self._url, self._grpc_url, log_path=None)
+
+    def stop(self, server: TritonServer, timeout_s: float) -> None:
+        """Leave it running: someone else owns it."""
+
+
+LAUNCHERS: dict[str, type[Launcher]] = {"local": LocalLauncher, "docker": DockerLauncher, "url": UrlLauncher}
+
+
+@contextmanager
+def serve(
+    launcher_name: str = "local",
+    repository: Path | str = ".",
+    *,
+    ready_timeout_s: float = 120.0,
+    stop_timeout_s: float = 20.0,
+    **options,
+) -> Iterator[TritonServer]:
+    """Start a server on `repository`, wait until it is ready, yield it, and always stop it.
+
+    `options` go to the launcher: local `log_path`; docker `image`, `gpus`, `log_path`; url `url`, `grpc_url`.
+    Without `log_path` the log lives in a temporary folder removed when the server stops.
+    """
+    launcher_class = _launcher_class(launcher_name)
+    try:
+        launcher = launcher_class(**options)
+    except TypeError as error:
+        raise UsageError(f"Triton launcher {launcher_name!r}: {error}") from None
+    server = launcher.start(Path(repository))
+    try:
+        wait_until_ready(server, ready_timeout_s)
+        yield server
+    finally:
+        launcher.stop(server, stop_timeout_s)
+
+
+def available_backends(launcher_name: str) -> frozenset[str] | None:
+    """The backends a launcher's server has; None means all (or unknown)."""
+    return _launcher_class(launcher_name).backends()
+
+
+def required_backend(config_pbtxt_path: Path | str) -> str | None:
+    """The backend a model's config.pbtxt needs; None for an ensemble (built into the server)."""
+    path = Path(config_pbtxt_path)
+    try:
+        config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+    except text_format.ParseError as error:
+        raise PackagerError(f"{path}: not a valid model config: {error}") from error
+    if config.backend:
+        return config.backend
+    if config.platform.startswith("tensorflow_"):
+        return "tensorflow"
+    if config.platform in PLATFORM_BACKENDS:
+        return PLATFORM_BACKENDS[config.platform]
+    raise PackagerError(f"{path}: cannot tell the backend (backend={config.backend!r}, platform={config.platform!r})")
+
+
+def load_models(server: TritonServer, names: Iterable[str], timeout_s: float = 300.0) -> dict[str, LoadResult]:
+    """Load each model through explicit model control; a failed load keeps Triton's error text."""
+    results = {}
+    with _http_client(server, timeout_s) as client:
+        for name in names:
+            started = time.monotonic()
+            try:
+                client.load_model(name)
+                error = None
+            except InferenceServerException as failure:
+                error = failure.message() or str(failure)
+            results[name] = LoadResult(name, error, time.monotonic() - started)
+    return results
+
+
+def wait_until_ready(server: TritonServer, timeout_s: float) -> None:
+    """Wait for `/v2/health/live`, then for server readiness; raise with the log tail on failure."""
+    deadline = time.monotonic() + timeout_s
+    while not _is_live(server):
+        _check_still_starting(server, deadline, "live")
+        time.sleep(0.1)
+    with _http_client(server, timeout_s) as client:
+        while not _answers(client.is_server_ready):
+            _check_still_starting(server, deadline, "ready")
+            time.sleep(0.1)
+
+
+def docker_command(
+    repository: Path | str, *, image: str, container: str, ports: dict[str, int], gpus: bool
+) -> list[str]:
+    """The `docker run` argv: repository mounted read-only at /models, ports published on 127.0.0.1 only.
+
+    `ports` maps "http", "grpc" and "metrics" to host ports.
+    """
+    publish = [f"--publish=127.0.0.1:{ports[kind]}:{port}" for kind, port in CONTAINER_PORTS.items()]
+    return [
+        "docker", "run", "--rm", f"--name={container}",
+        *(["--gpus", "all"] if gpus else []),
+        "--shm-size=1g",  # the python backend passes tensors through shared memory
+        *publish,
+        f"--volume={Path(repository).resolve()}:/models:ro",
+        image,
+        "tritonserver", "--model-repository=/models",
+        *SERVER_FLAGS,
+        *([] if gpus else CPU_FLAGS),
+    ]  # fmt: skip
+
+
+def gpu_present() -> bool:
+    """True when `nvidia-smi -L` lists a GPU."""
+    if shutil.which("nvidia-smi") is None:
+        return False
+    return subprocess.run(["nvidia-smi", "-L"], capture_output=True, check=False).returncode == 0
+
+
+def _launcher_class(name: str) -> type[Launcher]:
+    try:
+        return LAUNCHERS[name]
+    except KeyError:
+        raise UsageError(f"unknown Triton launcher {name!r}; choose one of {', '.join(LAUNCHERS)}") from None
+
+
+def _pytriton_server_dir() -> Path:
+    try:
+        import pytriton
+    except ImportError:
+        raise PackagerError("the local Triton launcher needs nvidia-pytriton: pip install '.[triton]'") from None
+    return Path(pytriton.__file__).parent / "tritonserver"
+
+
+def _require_docker_daemon() -> None:
+    if shutil.which("docker") is None:
+        raise PackagerError("docker launcher: the `docker` command is not installed")
+    probe = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        reason = (probe.stderr.strip().splitlines() or ["docker info failed"])[-1]
+        raise PackagerError(f"docker launcher: the docker daemon is not reachable: {reason}")
+
+
+def _free_ports(count: int) -> list[int]:
+    """Ports free on 127.0.0.1 now (all held open together, so they differ)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _bind_flags(address: str, http: int, grpc: int, metrics: int) -> list[str]:
+    return [
+        f"--http-address={address}", f"--http-port={http}",
+        f"--grpc-address={address}", f"--grpc-port={grpc}",
+        f"--metrics-address={address}", f"--metrics-port={metrics}",
+    ]  # fmt: skip
+
+
+def _spawn(command: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen:
+    """Start `command` in its own process group (Ctrl-C in the terminal does not reach it), output to the log."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+
+
+def _stop_process(process: subprocess.Popen | None, timeout_s: float) -> None:
+    """SIGINT to the process group; SIGKILL to what is left of it after `timeout_s` or an interrupted wait."""
+    if process is None:
+        return
+    try:
+        if process.poll() is None:
+            _signal_group(process, signal.SIGINT)
+            with suppress(subprocess.TimeoutExpired):
+                process.wait(timeout_s)
+    finally:
+        _signal_group(process, signal.SIGKILL)  # also python backend stubs left by a server that crashed
+        process.wait()
+
+
+def _signal_group(process: subprocess.Popen, signum: signal.Signals) -> None:
+    with suppress(ProcessLookupError):
+        os.killpg(process.pid, signum)
+
+
+def _check_still_starting(server: TritonServer, deadline: float, state: str) -> None:
+    if server.process is not None and server.process.poll() is not None:
+        _fail(server, f"tritonserver exited with code {server.process.returncode} before it was {state}")
+    if time.monotonic() > deadline:
+        _fail(server, f"Triton at {server.http_url} was not {state} in time")
+
+
+def _fail(server: TritonServer, reason: str) -> NoReturn:
+    tail = server.log_tail()
+    raise PackagerError(f"{reason}; last lines of {server.log_path}:\n{tail}" if tail else reason)
+
+
+def _is_live(server: TritonServer) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{server.http_url}/v2/health/live", timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
+def _answers(probe: Callable[[], bool]) -> bool:
+    try:
+        return bool(probe())
+    except InferenceServerException:
+        return False
+
+
+@contextmanager
+def _http_client(server: TritonServer, timeout_s: float) -> Iterator[InferenceServerClient]:
+    """An HTTP client that is closed on exit: an open keep-alive connection delays server shutdown."""
+    with closing(InferenceServerClient(server.http_url, network_timeout=timeout_s)) as client:
+        yield client
+
+
+def _host_port(url: str) -> str:
+    return url.split("://", 1)[-1].rstrip("/")

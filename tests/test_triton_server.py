@@ -1,0 +1,234 @@
+"""The Triton server helpers against the real tritonserver from nvidia-pytriton (python backend, CPU)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pytriton", reason="the local launcher needs nvidia-pytriton")
+
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+
+from packager.errors import PackagerError, UsageError
+from packager.triton.server import (
+    DOCKER_IMAGE_ENV,
+    DockerLauncher,
+    LocalLauncher,
+    TritonServer,
+    available_backends,
+    docker_command,
+    load_models,
+    required_backend,
+    serve,
+)
+
+ADD_ONE_CONFIG = """
+name: "{name}"
+backend: "python"
+max_batch_size: 8
+input [{{ name: "INPUT0", data_type: TYPE_FP32, dims: [-1] }}]
+output [{{ name: "OUTPUT0", data_type: TYPE_FP32, dims: [-1] }}]
+instance_group [{{ kind: KIND_CPU, count: 1 }}]
+"""
+
+ADD_ONE_MODEL = """
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        {initialize}
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            values = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
+            output = pb_utils.Tensor("OUTPUT0", values + 1)
+            responses.append(pb_utils.InferenceResponse(output_tensors=[output]))
+        return responses
+"""
+
+
+def write_python_model(repository: Path, name: str, initialize: str = "pass") -> Path:
+    (repository / name / "1").mkdir(parents=True)
+    (repository / name / "config.pbtxt").write_text(ADD_ONE_CONFIG.format(name=name))
+    (repository / name / "1" / "model.py").write_text(ADD_ONE_MODEL.format(initialize=initialize))
+    return repository / name
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("model_repository")
+    write_python_model(root, "add_one")
+    write_python_model(root, "broken_init", initialize='raise RuntimeError("tokenizer file is missing")')
+    (root / "needs_onnxruntime" / "1").mkdir(parents=True)
+    (root / "needs_onnxruntime" / "config.pbtxt").write_text('platform: "onnxruntime_onnx"\nmax_batch_size: 8\n')
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(repository):
+    with serve("local", repository, ready_timeout_s=60) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def loaded(server):
+    return load_models(server, ["add_one", "broken_init", "needs_onnxruntime", "no_such_model"])
+
+
+def test_add_one_answers_over_http_and_grpc(server, loaded):
+    assert loaded["add_one"].ok, loaded["add_one"].error
+    batch = np.array([[1.0, 2.0, 3.0], [-1.0, 0.0, 0.5]], dtype=np.float32)
+
+    http_input = httpclient.InferInput("INPUT0", list(batch.shape), "FP32")
+    http_input.set_data_from_numpy(batch)
+    with httpclient.InferenceServerClient(server.http_url) as client:
+        http_answer = client.infer("add_one", [http_input]).as_numpy("OUTPUT0")
+
+    grpc_input = grpcclient.InferInput("INPUT0", list(batch.shape), "FP32")
+    grpc_input.set_data_from_numpy(batch)
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        grpc_answer = client.infer("add_one", [grpc_input]).as_numpy("OUTPUT0")
+
+    np.testing.assert_array_equal(http_answer, batch + 1)
+    np.testing.assert_array_equal(grpc_answer, batch + 1)
+
+
+def test_failed_loads_keep_tritons_error_naming_model_and_cause(loaded):
+    broken = loaded["broken_init"]
+    assert not broken.ok
+    assert "broken_init" in broken.error and "tokenizer file is missing" in broken.error
+
+    missing_backend = loaded["needs_onnxruntime"]
+    assert not missing_backend.ok
+    assert "needs_onnxruntime" in missing_backend.error and "'onnxruntime'" in missing_backend.error
+
+    assert "no_such_model" in loaded["no_such_model"].error
+
+
+def test_a_failed_load_leaves_the_server_ready(server, loaded):
+    assert not loaded["broken_init"].ok
+    with httpclient.InferenceServerClient(server.http_url) as client:
+        assert client.is_server_ready()
+        assert client.is_model_ready("add_one")
+
+
+def test_log_tail_shows_the_server_log(server, loaded):
+    tail = server.log_tail(200)
+    assert "broken_init" in tail
+    assert len(server.log_tail(3).splitlines()) == 3
+
+
+def test_url_launcher_uses_a_running_server_without_stopping_it(server, repository):
+    with serve("url", repository, url=f"http://{server.http_url}", grpc_url=server.grpc_url) as borrowed:
+        assert borrowed.http_url == server.http_url and borrowed.process is None
+        assert load_models(borrowed, ["add_one"])["add_one"].ok
+    with httpclient.InferenceServerClient(server.http_url) as client:
+        assert client.is_server_live()
+
+
+def test_available_backends():
+    assert available_backends("local") == {"python"}
+    assert available_backends("docker") is None
+    with pytest.raises(UsageError, match="choose one of local, docker, url"):
+        available_backends("podman")
+
+
+@pytest.mark.parametrize("interruption", [RuntimeError, KeyboardInterrupt])
+def test_server_process_is_gone_after_the_context_also_when_the_body_raises(tmp_path, interruption):
+    log_path = tmp_path / "logs" / "triton.log"
+    with pytest.raises(interruption, match="body failed"), serve("local", tmp_path, log_path=log_path) as running:
+        process = running.process
+        raise interruption("body failed")
+    assert process.poll() is not None
+    with pytest.raises(ProcessLookupError):
+        os.killpg(process.pid, 0)  # the whole process group (server and stubs) is gone
+    assert "Started HTTPService" in log_path.read_text()
+
+
+def test_stop_kills_a_process_group_that_ignores_sigint():
+    ignoring = subprocess.Popen(
+        ["sh", "-c", 'trap "" INT; echo started; exec sleep 60'], stdout=subprocess.PIPE, start_new_session=True
+    )
+    assert ignoring.stdout.readline() == b"started\n"
+    started = time.monotonic()
+    LocalLauncher().stop(TritonServer("127.0.0.1:1", None, None, ignoring), timeout_s=0.5)
+    assert ignoring.returncode == -signal.SIGKILL
+    assert time.monotonic() - started < 5
+    ignoring.stdout.close()
+
+
+def test_early_exit_raises_with_the_log_tail(tmp_path):
+    with pytest.raises(PackagerError, match="exited with code") as failure, serve("local", tmp_path / "does_not_exist"):
+        pass
+    assert "does_not_exist" in str(failure.value)
+
+
+@pytest.mark.parametrize(
+    ("config", "backend"),
+    [
+        ('platform: "onnxruntime_onnx"', "onnxruntime"),
+        ('platform: "tensorrt_plan"', "tensorrt"),
+        ('platform: "pytorch_libtorch"', "pytorch"),
+        ('platform: "tensorflow_savedmodel"', "tensorflow"),
+        ('backend: "python"', "python"),
+        ('backend: "onnxruntime"', "onnxruntime"),
+        ('platform: "ensemble"', None),
+    ],
+)
+def test_required_backend(tmp_path, config, backend):
+    path = tmp_path / "config.pbtxt"
+    path.write_text(f'name: "m"\n{config}\nmax_batch_size: 8\n')
+    assert required_backend(path) == backend
+
+
+def test_required_backend_rejects_an_unreadable_config(tmp_path):
+    path = tmp_path / "config.pbtxt"
+    path.write_text('name: "m"\nbakend: "python"\n')
+    with pytest.raises(PackagerError, match="not a valid model config"):
+        required_backend(path)
+
+
+def test_docker_command_binds_loopback_and_mounts_the_repository_read_only(tmp_path):
+    ports = {"http": 18000, "grpc": 18001, "metrics": 18002}
+    argv = docker_command(
+        tmp_path, image="nvcr.io/nvidia/tritonserver:24.10-py3", container="t1", ports=ports, gpus=False
+    )
+    assert argv[:3] == ["docker", "run", "--rm"] and "--name=t1" in argv
+    assert "--gpus" not in argv
+    assert {
+        "--publish=127.0.0.1:18000:8000",
+        "--publish=127.0.0.1:18001:8001",
+        "--publish=127.0.0.1:18002:8002",
+    } <= set(argv)
+    assert f"--volume={tmp_path.resolve()}:/models:ro" in argv
+    image_at = argv.index("nvcr.io/nvidia/tritonserver:24.10-py3")
+    assert argv[image_at + 1 :][:2] == ["tritonserver", "--model-repository=/models"]
+    assert "--model-control-mode=explicit" in argv
+
+    with_gpus = docker_command(tmp_path, image="img", container="t1", ports=ports, gpus=True)
+    assert with_gpus[with_gpus.index("--gpus") + 1] == "all"
+
+
+def test_docker_image_comes_from_the_option_then_the_environment(monkeypatch):
+    monkeypatch.delenv(DOCKER_IMAGE_ENV, raising=False)
+    assert DockerLauncher(gpus=False).image == "nvcr.io/nvidia/tritonserver:24.10-py3"
+    monkeypatch.setenv(DOCKER_IMAGE_ENV, "registry.example/tritonserver:25.01-py3")
+    assert DockerLauncher(gpus=False).image == "registry.example/tritonserver:25.01-py3"
+    assert DockerLauncher(image="mine:1", gpus=False).image == "mine:1"
+
+
+@pytest.mark.skipif(shutil.which("docker") is not None and os.path.exists("/var/run/docker.sock"), reason="docker runs")
+def test_docker_launcher_without_a_daemon_fails_in_one_line(tmp_path):
+    with pytest.raises(PackagerError, match=r"^docker launcher: ") as failure, serve("docker", tmp_path, gpus=False):
+        pass
+    assert "\n" not in str(failure.value)
