@@ -1,0 +1,302 @@
+"""The TensorRT step: recipe settings, profiles, the real TensorRT-RTX build (tiny model and MiniLM), loud failures,
+timing cache, the skip path, the target-release check and the trtexec command."""
+
+import dataclasses
+import types
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from packager import export, iospec, source, tensorrt
+from packager.errors import UsageError
+from packager.iospec import IOSpec, TensorSpec
+from packager.recipe import Range, load_recipe
+from packager.tasks import get_task
+
+pytest.importorskip("tensorrt_rtx", reason="the build check needs tensorrt-rtx-cu12 (make test installs it)")
+
+TWO_PROFILES = [{"name": "short", "sequence": [2, 8, 16]}, {"name": "long", "sequence": [16, 32, 32]}]
+
+
+def exported(recipe, folder: Path):
+    loaded = source.load(recipe)
+    return export.export_onnx(loaded, get_task(recipe.task), folder / "model.onnx", recipe.opset)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_recipe_embeddings, tmp_path_factory):
+    """The tiny BERT exported, with a recipe asking for two profiles (batch 1/2/4; sequence 2-16 and 16-32)."""
+    recipe = tiny_recipe_embeddings.replace(sections={"tensorrt": {"profiles": TWO_PROFILES}})
+    return recipe, exported(recipe, tmp_path_factory.mktemp("tiny-onnx"))
+
+
+def tiny_expected_profiles(spec: IOSpec) -> list[tuple[str, dict]]:
+    """Written out by hand from the recipe: (batch min/opt/max 1/2/4) x each profile's sequence range."""
+    short = ((1, 2), (2, 8), (4, 16))
+    long = ((1, 16), (2, 32), (4, 32))
+    return [("short", {name: short for name in spec.input_names}), ("long", {name: long for name in spec.input_names})]
+
+
+def built_profiles(result) -> list[tuple[str, dict]]:
+    return [(profile.name, profile.shapes) for profile in result.profiles]
+
+
+# --- settings ----------------------------------------------------------------------------------------------------
+
+
+def test_settings_default_to_one_profile_equal_to_the_recipe(tiny_recipe_embeddings):
+    settings = tensorrt.read_settings(tiny_recipe_embeddings)
+    assert settings.precision == "fp32"
+    assert settings.profiles == (tensorrt.EngineProfile("default", Range(1, 2, 4), Range(2, 16, 32)),)
+    assert settings.max_batch_size == 4
+
+
+def test_bert_recipe_asks_for_fp16_with_two_profiles_covering_its_profile():
+    recipe = load_recipe("bert")
+    settings = tensorrt.read_settings(recipe)
+    assert settings.precision == "fp16"
+    assert [(p.name, p.batch, p.sequence) for p in settings.profiles] == [
+        ("short", Range(1, 8, 32), Range(2, 64, 128)),
+        ("long", Range(1, 8, 32), Range(128, 256, 256)),
+    ]
+    assert settings.gate_tolerances(recipe).max_abs == 1e-2
+    assert tensorrt.read_settings(recipe, precision="fp32").gate_tolerances(recipe) == recipe.tolerances
+
+
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({"precison": "fp16"}, "unknown keys ['precison']"),
+        ({"precision": "int8"}, "precision must be one of"),
+        ({"triton_release": "19.01"}, "unknown Triton release '19.01'"),
+        ({"workspace_mib": 0}, "workspace_mib must be a positive integer"),
+        ({"profiles": [{"name": "big", "sequence": [2, 16, 64]}]}, "sequence 2..64 is outside the recipe's 2..32"),
+        ({"profiles": [{"name": "a", "sequence": [2, 8, 10]}, {"name": "b", "sequence": [12, 16, 32]}]},
+         "no profile accepts batch 1 x sequence 11"),
+        ({"profiles": [{"name": "a"}, {"name": "a"}]}, "profile names must be unique"),
+        ({"profiles": [{"sequence": [2, 16, 32]}]}, "needs a string 'name'"),
+    ],
+)
+def test_bad_tensorrt_sections_are_usage_errors_naming_the_problem(tiny_recipe_embeddings, section, message):
+    with pytest.raises(UsageError, match=message.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
+        tensorrt.read_settings(tiny_recipe_embeddings.replace(sections={"tensorrt": section}))
+
+
+def test_profile_shapes_follow_the_io_spec_axes():
+    spec = IOSpec(
+        inputs=(TensorSpec("ids", "INT64", ("batch", "sequence")), TensorSpec("scale", "FLOAT", (3,))),
+        outputs=(TensorSpec("out", "FLOAT", ("batch", 7)),),
+    )
+    profile = tensorrt.EngineProfile("p", Range(1, 4, 8), Range(5, 6, 9))
+    assert tensorrt.profile_shapes(spec, profile) == {"ids": ((1, 5), (4, 6), (8, 9))}  # fixed inputs need none
+    odd = IOSpec((TensorSpec("pixels", "FLOAT", ("batch", "height")),), ())
+    with pytest.raises(tensorrt.PackagerError, match="'pixels' has dynamic axes \\['height'\\]"):
+        tensorrt.profile_shapes(odd, profile)
+
+
+# --- the real build (TensorRT-RTX) -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_tiny_model_builds_with_two_profiles_matching_the_io_spec_and_recipe(tiny, tmp_path, precision):
+    recipe, model = tiny
+    settings = tensorrt.read_settings(recipe, precision=precision)
+    result = tensorrt.build_engine(model.path, model.spec, settings, tmp_path)
+
+    assert result.status == "build-check" and not result.publishable
+    assert "no deployable engine was produced" in result.message and "not published" in result.message
+    assert result.network == tensorrt.engine_dims(model.spec)
+    assert [t.dtype for t in result.network.inputs] == [t.dtype for t in model.spec.inputs]  # IO types kept in fp16
+    assert built_profiles(result) == tiny_expected_profiles(model.spec)
+    assert result.triton_profiles == ["0", "1"]
+    assert result.engine_path is None and not (tmp_path / tensorrt.ENGINE_FILE).exists()
+    facts = result.facts
+    assert (facts.package, facts.deployable, facts.gpu, facts.precision) == (
+        "tensorrt_rtx", False, "none (build check)", precision)
+    assert facts.engine_bytes > 0 and facts.build_seconds > 0
+    assert [p["shapes"] for p in facts.to_dict()["profiles"]][0][model.spec.input_names[0]] == {
+        "min": [1, 2], "opt": [2, 8], "max": [4, 16]}
+
+
+def test_fp16_builds_from_an_fp16_graph_with_io_types_kept(tiny, tmp_path):
+    recipe, model = tiny
+    settings = tensorrt.read_settings(recipe, precision="fp16")
+    made = tensorrt.build_engine(model.path, model.spec, settings, tmp_path / "made")
+    fp16_path = tmp_path / "made" / tensorrt.FP16_GRAPH_FILE
+    assert made.facts.onnx == str(fp16_path)
+    graph = onnx.load(str(fp16_path))
+    assert TensorProto.FLOAT16 in {init.data_type for init in graph.graph.initializer if len(init.dims) == 2}
+    assert iospec.from_onnx(graph) == model.spec
+
+    given = tensorrt.build_engine(model.path, model.spec, settings, tmp_path / "given", fp16_onnx=fp16_path)
+    assert given.facts.onnx == str(fp16_path) and not (tmp_path / "given").exists()
+
+
+def test_timing_cache_is_written_then_reused(tiny, tmp_path):
+    recipe, model = tiny
+    settings = tensorrt.read_settings(recipe)
+    first = tensorrt.build_engine(model.path, model.spec, settings, tmp_path, cache_dir=tmp_path / "cache")
+    (cache_file,) = (tmp_path / "cache").iterdir()
+    assert cache_file.name == f"tensorrt_rtx-{first.facts.version}.timing-cache"
+    assert first.facts.timing_cache["loaded_bytes"] == 0
+    assert first.facts.timing_cache["saved_bytes"] == cache_file.stat().st_size > 0
+
+    second = tensorrt.build_engine(model.path, model.spec, settings, tmp_path, cache_dir=tmp_path / "cache")
+    assert second.facts.timing_cache["loaded_bytes"] == cache_file.stat().st_size
+    assert second.facts.timing_cache["path"] == str(cache_file)
+
+
+def test_a_network_that_differs_from_the_io_spec_is_refused(tiny, tmp_path):
+    recipe, model = tiny
+    first = model.spec.inputs[0]
+    wrong = IOSpec((TensorSpec(first.name, "INT32", first.dims), *model.spec.inputs[1:]), model.spec.outputs)
+    expected = f"differs from the IO spec: input 0: TensorRT has .*'{first.name}', dtype='INT64'"
+    with pytest.raises(tensorrt.EngineBuildError, match=expected):
+        tensorrt.build_engine(model.path, wrong, tensorrt.read_settings(recipe), tmp_path)
+
+
+def write_custom_op_graph(path: Path) -> Path:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "sequence"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "sequence"])
+    nodes = [
+        helper.make_node("Relu", ["x"], ["h"], name="relu_ok"),
+        helper.make_node("FancyOp", ["h"], ["y"], name="fancy_node", domain="com.example"),
+    ]
+    graph = helper.make_graph(nodes, "custom", [x], [y])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)]
+    onnx.save(helper.make_model(graph, opset_imports=opsets), str(path))
+    return path
+
+
+def test_an_unsupported_op_fails_with_the_parser_error_naming_the_node(tiny_recipe_embeddings, tmp_path, capsys):
+    graph = write_custom_op_graph(tmp_path / "custom.onnx")
+    settings = tensorrt.read_settings(tiny_recipe_embeddings)
+    with pytest.raises(tensorrt.EngineBuildError) as failure:
+        tensorrt.build_engine(graph, iospec.from_onnx(graph), settings, tmp_path)
+    message = str(failure.value)
+    assert "cannot parse custom.onnx: node 1 'fancy_node' (FancyOp): " in message
+    assert "Plugin not found" in message
+    assert "parser error: node 1 'fancy_node' (FancyOp)" in capsys.readouterr().out
+
+
+def write_fixed_reshape_graph(path: Path) -> Path:
+    """Parses fine, but reshaping batch x sequence to a fixed 2x8 cannot hold for the profile's shapes."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "sequence"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])
+    shape = numpy_helper.from_array(np.array([2, 8], np.int64), "shape")
+    node = helper.make_node("Reshape", ["x", "shape"], ["y"], name="reshape_to_2x8")
+    graph = helper.make_graph([node], "reshape", [x], [y], initializer=[shape])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_a_build_that_returns_no_engine_raises_with_the_builder_log(tiny_recipe_embeddings, tmp_path):
+    graph = write_fixed_reshape_graph(tmp_path / "reshape.onnx")
+    settings = tensorrt.read_settings(tiny_recipe_embeddings)
+    with pytest.raises(tensorrt.EngineBuildError) as failure:
+        tensorrt.build_engine(graph, iospec.from_onnx(graph), settings, tmp_path)
+    headline, *log = str(failure.value).splitlines()
+    assert "built no engine from reshape.onnx" in headline and "reshape_to_2x8" in headline
+    assert "builder errors:" in log and "last log messages:" in log
+
+
+# --- backends, skip, target release ------------------------------------------------------------------------------
+
+
+def test_without_any_tensorrt_the_step_is_skipped_with_the_reason(tiny, tmp_path):
+    recipe, model = tiny
+    absent = {"tensorrt": dataclasses.replace(tensorrt.BACKENDS["tensorrt"], module="tensorrt_absent_in_this_test")}
+    result = tensorrt.build_engine(model.path, model.spec, tensorrt.read_settings(recipe), tmp_path, backends=absent)
+    assert result.status == "skipped" and not result.publishable
+    assert "No module named 'tensorrt_absent_in_this_test'" in result.message
+    assert "pip install tensorrt" in result.message
+    assert result.facts is None and result.profiles == () and list(tmp_path.iterdir()) == []
+
+
+def test_backend_choice(tiny, tmp_path):
+    recipe, model = tiny
+    settings = tensorrt.read_settings(recipe)
+    off = tensorrt.build_engine(model.path, model.spec, settings, tmp_path, backend="none")
+    assert off.status == "skipped" and "--trt-backend none" in off.message
+    assert tensorrt.select_backend("tensorrt-rtx").backend.module == "tensorrt_rtx"
+    with pytest.raises(UsageError, match="unknown TensorRT backend 'trt'"):
+        tensorrt.select_backend("trt")
+
+
+def test_tensorrt_rtx_has_no_fp16_flag(tiny_recipe_embeddings):
+    settings = tensorrt.read_settings(tiny_recipe_embeddings.replace(
+        sections={"tensorrt": {"precision": "fp16", "fp16_method": "flag"}}))
+    with pytest.raises(UsageError, match="strongly typed networks only"):
+        tensorrt.build_mode(settings, tensorrt.BACKENDS["tensorrt-rtx"])
+    assert tensorrt.build_mode(settings, tensorrt.BACKENDS["tensorrt"]).builder_flags == ("FP16",)
+
+
+def fake_tensorrt(version: str) -> tensorrt.LoadedBackend:
+    """Only the version string of a full TensorRT (not installable here) matters to the target check."""
+    module = types.ModuleType("tensorrt")
+    module.__version__ = version
+    return tensorrt.LoadedBackend(tensorrt.BACKENDS["tensorrt"], module)
+
+
+def test_target_release_check():
+    assert tensorrt.check_target("24.10", fake_tensorrt("10.5.0.18")).matches is True
+    mismatch = tensorrt.check_target("24.10", fake_tensorrt("10.7.0.23"))
+    assert mismatch.matches is False
+    assert "TensorRT 10.7.0.23 does not match Triton 24.10 (TensorRT 10.5)" in mismatch.message
+    assert "nvcr.io/nvidia/tensorrt:24.10-py3" in mismatch.message
+    rtx = tensorrt.check_target("24.10", tensorrt.select_backend("tensorrt-rtx"))
+    assert rtx.matches is None and "not served by Triton" in rtx.message
+
+
+def test_trtexec_command_builds_the_same_profiles_in_the_release_container(tiny, tmp_path):
+    recipe, model = tiny
+    settings = tensorrt.read_settings(recipe, precision="fp16", triton_release="25.01")
+    onnx_path, engine = tmp_path / "a" / "model.fp16.onnx", tmp_path / "b" / "model.plan"
+    cache = tmp_path / "c" / "t.cache"
+    argv = tensorrt.trtexec_command(onnx_path, engine, model.spec, settings, cache)
+    names = model.spec.input_names
+    shapes = lambda shape: ",".join(f"{name}:{shape}" for name in names)  # noqa: E731
+    assert argv == [
+        "docker", "run", "--rm", "--gpus", "all",
+        "-v", f"{tmp_path}/a:/work/onnx:ro", "-v", f"{tmp_path}/b:/work/engine", "-v", f"{tmp_path}/c:/work/cache",
+        "nvcr.io/nvidia/tensorrt:25.01-py3", "trtexec",
+        "--onnx=/work/onnx/model.fp16.onnx", "--saveEngine=/work/engine/model.plan",
+        "--profile=0", f"--minShapes={shapes('1x2')}", f"--optShapes={shapes('2x8')}", f"--maxShapes={shapes('4x16')}",
+        "--profile=1",
+        f"--minShapes={shapes('1x16')}", f"--optShapes={shapes('2x32')}", f"--maxShapes={shapes('4x32')}",
+        "--memPoolSize=workspace:1024M", "--noTF32", "--stronglyTyped",
+        "--timingCacheFile=/work/cache/t.cache", "--skipInference",
+    ]
+    flag = dataclasses.replace(settings, fp16_method="flag")
+    flagged = tensorrt.trtexec_command(onnx_path, engine, model.spec, flag, cache)
+    assert "--fp16" in flagged and "--stronglyTyped" not in flagged
+
+
+# --- MiniLM ------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def minilm(tmp_path_factory):
+    recipe = load_recipe("bert")
+    return recipe, exported(recipe, tmp_path_factory.mktemp("minilm-onnx"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_minilm_builds_with_the_recipe_profiles(minilm, tmp_path, precision):
+    recipe, model = minilm
+    settings = tensorrt.read_settings(recipe, precision=precision)
+    result = tensorrt.build_engine(model.path, model.spec, settings, tmp_path)
+    assert result.status == "build-check"
+    assert result.network == tensorrt.engine_dims(model.spec)
+    assert result.network.tensor("sentence_embedding").dims == (-1, 384)
+    short = ((1, 2), (8, 64), (32, 128))
+    long = ((1, 128), (8, 256), (32, 256))
+    assert built_profiles(result) == [
+        ("short", {name: short for name in model.spec.input_names}),
+        ("long", {name: long for name in model.spec.input_names}),
+    ]
+    assert result.facts.precision == precision and result.facts.workspace_mib == 2048
