@@ -19,7 +19,7 @@ import time
 import warnings
 from collections import deque
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from types import ModuleType
@@ -417,7 +417,7 @@ class EngineResult:
     profiles: tuple[ProfileShapes, ...] = ()
     facts: BuildFacts | None = None
     target: TargetCheck | None = None
-    warnings: tuple[str, ...] = field(default_factory=tuple)
+    warnings: tuple[str, ...] = ()
 
     @property
     def publishable(self) -> bool:
@@ -693,9 +693,11 @@ def engine_runner(engine_path: Path, spec: IOSpec, backend: str = "tensorrt") ->
     contexts, ranges = [], []
     for index in range(engine.num_optimization_profiles):
         context = engine.create_execution_context()
-        context.set_optimization_profile_async(index, stream.cuda_stream)
+        if not context.set_optimization_profile_async(index, stream.cuda_stream):
+            raise PackagerError(f"TensorRT could not select profile {index} of {engine_path.name}")
         contexts.append(context)
         ranges.append({name: engine.get_tensor_profile_shape(name, index) for name in spec.input_names})
+    stream.synchronize()
 
     def pick(inputs: Inputs) -> int:
         for index, profile in enumerate(ranges):
@@ -710,7 +712,8 @@ def engine_runner(engine_path: Path, spec: IOSpec, backend: str = "tensorrt") ->
         with torch.cuda.stream(stream):
             buffers = {name: torch.from_numpy(np.ascontiguousarray(inputs[name])).cuda() for name in spec.input_names}
             for name, tensor in buffers.items():
-                context.set_input_shape(name, tuple(tensor.shape))
+                if not context.set_input_shape(name, tuple(tensor.shape)):
+                    raise PackagerError(f"TensorRT refused shape {tuple(tensor.shape)} for input '{name}'")
                 context.set_tensor_address(name, tensor.data_ptr())
             for tensor in spec.outputs:
                 dtype = torch.from_numpy(np.empty(0, tensor.numpy_dtype)).dtype
