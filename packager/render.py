@@ -1,0 +1,436 @@
+"""Triton model configs rendered from the Jinja templates in templates/, every name, type and dim from the IO spec.
+
+One model per serving target (TARGETS), a tokenizer model, and per target an ensemble text -> tokenizer -> model.
+Every config is parsed with Triton's own schema (tritonclient's ModelConfig) before anything is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jinja2
+from google.protobuf import text_encoding, text_format
+from transformers import PreTrainedTokenizerBase
+from tritonclient.grpc import model_config_pb2
+
+from packager.errors import PackagerError, UsageError, first_line
+from packager.iospec import IOSpec, TensorSpec
+from packager.recipe import Profile, Recipe
+from packager.tasks import BATCH, SEQUENCE
+
+TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
+PYTHON_MODELS = TEMPLATE_DIR / "python"
+TOKENIZER_FOLDER = "tokenizer"  # inside the tokenizer model's version folder
+PADDING_FILE = "padding.json"  # next to the portable model's model.py
+
+DEVICE_KINDS = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
+# optimization.graph.level as Triton's onnxruntime backend reads it (0 or absent: all optimizations).
+GRAPH_LEVELS = {"all": 0, "extended": 1, "basic": -1, "disabled": 2}
+EXECUTION_MODES = {"sequential": 0, "parallel": 1}
+ACCELERATOR_PRECISIONS = ("FP32", "FP16")
+ACCELERATOR_WORKSPACE_BYTES = 1 << 30
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class OnnxRuntimeOptions:
+    """Session options Triton's onnxruntime backend reads from a config; the portable model reads the same."""
+
+    intra_op_thread_count: int = 0  # 0: ONNX Runtime's default (one per core)
+    inter_op_thread_count: int = 0
+    execution_mode: str = "sequential"
+    graph_optimization_level: str = "all"
+
+    def __post_init__(self):
+        _require(self.intra_op_thread_count >= 0, "serving.onnxruntime.intra_op_thread_count must be >= 0")
+        _require(self.inter_op_thread_count >= 0, "serving.onnxruntime.inter_op_thread_count must be >= 0")
+        _require_choice("serving.onnxruntime.execution_mode", self.execution_mode, EXECUTION_MODES)
+        _require_choice("serving.onnxruntime.graph_optimization_level", self.graph_optimization_level, GRAPH_LEVELS)
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """The recipe's [serving] section; every key is optional."""
+
+    targets: tuple[str, ...] = ("onnxruntime", "python")
+    text_input: str = "text"  # the ensembles' public input
+    device: str = "cpu"  # instance kind of the onnxruntime model (tensorrt runs on GPU, python on CPU)
+    instances: int = 1
+    tokenizer_instances: int = 1
+    preferred_batch_sizes: tuple[int, ...] = ()  # empty: the profile's opt and max batch
+    max_queue_delay_us: int = 1000
+    tensorrt_accelerator: bool = False  # GPU only: ONNX Runtime's TensorRT execution provider
+    tensorrt_precision: str = "FP16"
+    onnxruntime: OnnxRuntimeOptions = field(default_factory=OnnxRuntimeOptions)
+
+    def __post_init__(self):
+        _require(bool(self.targets), "serving.targets must name at least one target")
+        for target in self.targets:
+            _require_choice("serving.targets", target, TARGETS)
+        _require(len(set(self.targets)) == len(self.targets), f"serving.targets repeats a target: {list(self.targets)}")
+        _require(bool(self.text_input), "serving.text_input must not be empty")
+        _require_choice("serving.device", self.device, DEVICE_KINDS)
+        _require(self.instances >= 1 and self.tokenizer_instances >= 1, "serving instance counts must be >= 1")
+        _require(all(size >= 1 for size in self.preferred_batch_sizes), "serving.preferred_batch_sizes must be >= 1")
+        _require(self.max_queue_delay_us >= 0, "serving.max_queue_delay_us must be >= 0")
+        _require_choice("serving.tensorrt_precision", self.tensorrt_precision, ACCELERATOR_PRECISIONS)
+        _require(not self.tensorrt_accelerator or self.device == "gpu",
+                 "serving.tensorrt_accelerator needs serving.device = \"gpu\"")
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe) -> "ServingConfig":
+        """Parse the recipe's [serving] table (defaults where it is absent), naming any bad key."""
+        table = dict(recipe.section("serving"))
+        where = f"recipe {recipe.name}: [serving]"
+        options = _parse_table(OnnxRuntimeOptions, table.pop("onnxruntime", {}), f"{where}.onnxruntime")
+        serving = _parse_table(cls, table, where, onnxruntime=options)
+        for size in serving.preferred_batch_sizes:
+            _require(size <= recipe.profile.batch.max,
+                     f"{where} preferred_batch_sizes {size} exceeds the profile's max batch {recipe.profile.batch.max}")
+        return serving
+
+    def batch_sizes(self, profile: Profile) -> tuple[int, ...]:
+        return self.preferred_batch_sizes or tuple(sorted({profile.batch.opt, profile.batch.max}))
+
+
+@dataclass(frozen=True)
+class TensorRTPlan:
+    """A deployable engine: its optimization profiles in index order (input name -> (min, opt, max) shape, batch
+    axis first) and the largest batch the engine serves (the plan's max_batch_size)."""
+
+    path: Path
+    profiles: tuple[Mapping[str, tuple[Shape, Shape, Shape]], ...]
+    max_batch_size: int
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    """What the models are built from: the gated ONNX graph, its tokenizer, and optionally a TensorRT engine."""
+
+    onnx: Path
+    tokenizer: PreTrainedTokenizerBase
+    tensorrt: TensorRTPlan | None = None
+
+
+@dataclass(frozen=True)
+class RenderedModel:
+    """One model folder: its config (rendered per version) and the files of its version folder.
+
+    `files` maps a path inside the version folder to a file to copy or the bytes to write.
+    """
+
+    name: str
+    template: str
+    context: Mapping[str, object]
+    files: Mapping[str, Path | bytes]
+
+    def config_text(self, version: int) -> str:
+        """config.pbtxt for `version`, checked against Triton's schema."""
+        return render_config(self.template, {**self.context, "version": version})
+
+
+@dataclass(frozen=True)
+class Target:
+    """A serving target: its model folder, its ensemble, and how its model is rendered."""
+
+    model_suffix: str
+    ensemble_suffix: str
+    build: Callable[[str, "_Inputs"], RenderedModel]
+    needs_engine: bool = False
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    recipe: Recipe
+    spec: IOSpec
+    serving: ServingConfig
+    artifacts: Artifacts
+
+
+def render_repository(recipe: Recipe, spec: IOSpec, serving: ServingConfig, artifacts: Artifacts) -> list[RenderedModel]:
+    """The tokenizer, then per target (tensorrt only with an engine) its model and its ensemble, all schema-checked."""
+    _check_spec(spec, serving)
+    inputs = _Inputs(recipe, spec, serving, artifacts)
+    tokenizer = _tokenizer_model(f"{recipe.name}_tokenizer", inputs)
+    models = [tokenizer]
+    for target_name in serving.targets:
+        target = TARGETS[target_name]
+        if target.needs_engine and artifacts.tensorrt is None:
+            continue
+        model = target.build(recipe.name + target.model_suffix, inputs)
+        models += [model, _ensemble(recipe.name + target.ensemble_suffix, tokenizer.name, model, inputs)]
+    for model in models:
+        model.config_text(1)
+    return models
+
+
+def render_config(template: str, context: Mapping[str, object]) -> str:
+    """Render one template and parse the result with Triton's ModelConfig schema; one-line errors name the template."""
+    try:
+        text = _environment().get_template(template).render(**context)
+    except jinja2.TemplateError as exc:
+        raise PackagerError(f"template {template}: {first_line(exc)}") from None
+    try:
+        text_format.Parse(text, model_config_pb2.ModelConfig())
+    except text_format.ParseError as exc:
+        raise PackagerError(f"template {template} renders a config Triton's schema rejects: {first_line(exc)}") from None
+    return text
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATE_DIR),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    env.filters["pbstr"] = lambda value: '"' + text_encoding.CEscape(str(value), as_utf8=True) + '"'
+    return env
+
+
+# ---- model contexts -------------------------------------------------------------------------------------------
+
+
+def _onnxruntime_model(name: str, inputs: _Inputs) -> RenderedModel:
+    context = _model_context(name, inputs, DEVICE_KINDS[inputs.serving.device], ragged=False)
+    context.update(_session_options(inputs.serving, accelerate=True))
+    return RenderedModel(name, "onnxruntime.pbtxt.j2", context, {"model.onnx": inputs.artifacts.onnx})
+
+
+def _python_model(name: str, inputs: _Inputs) -> RenderedModel:
+    """ONNX Runtime (CPU) on the python backend: joins requests of different sequence lengths by padding."""
+    context = _model_context(name, inputs, "KIND_CPU", ragged=True)
+    context.update(_session_options(inputs.serving, accelerate=False))
+    padding = {
+        "sequence_axes": {t.name: t.axis(SEQUENCE) for t in inputs.spec.inputs + inputs.spec.outputs if SEQUENCE in t.dims},
+        "pad_values": _pad_values(inputs.artifacts.tokenizer, inputs.spec),
+    }
+    files = {
+        "model.py": PYTHON_MODELS / "onnxruntime_model.py",
+        "model.onnx": inputs.artifacts.onnx,
+        PADDING_FILE: (json.dumps(padding, indent=2) + "\n").encode(),
+    }
+    return RenderedModel(name, "python_onnxruntime.pbtxt.j2", context, files)
+
+
+def _tensorrt_model(name: str, inputs: _Inputs) -> RenderedModel:
+    plan = inputs.artifacts.tensorrt
+    _check_profiles(plan, inputs.spec)
+    context = _model_context(name, inputs, "KIND_GPU", ragged=False)
+    context["max_batch_size"] = plan.max_batch_size
+    context["instance"]["profiles"] = [str(index) for index in range(len(plan.profiles))]
+    context["warmup"] = _warmup(inputs.spec, _plan_shapes(plan))
+    return RenderedModel(name, "tensorrt.pbtxt.j2", context, {"model.plan": plan.path})
+
+
+def _tokenizer_model(name: str, inputs: _Inputs) -> RenderedModel:
+    sequence = inputs.recipe.profile.sequence
+    context = {
+        "name": name,
+        "recipe": inputs.recipe.name,
+        "max_batch_size": inputs.recipe.profile.batch.max,
+        "inputs": [_text_tensor(inputs.serving)],
+        "outputs": [_tensor(t) for t in inputs.spec.inputs],
+        "instance": {"kind": "KIND_CPU", "count": inputs.serving.tokenizer_instances, "profiles": []},
+        "parameters": {
+            "max_sequence_length": str(sequence.max),
+            "min_sequence_length": str(sequence.min),
+            "tokenizer_folder": TOKENIZER_FOLDER,
+        },
+    }
+    files: dict[str, Path | bytes] = {"model.py": PYTHON_MODELS / "tokenizer_model.py"}
+    files.update({f"{TOKENIZER_FOLDER}/{path}": data for path, data in _tokenizer_files(inputs.artifacts.tokenizer).items()})
+    return RenderedModel(name, "tokenizer.pbtxt.j2", context, files)
+
+
+def _ensemble(name: str, tokenizer: str, model: RenderedModel, inputs: _Inputs) -> RenderedModel:
+    spec, text = inputs.spec, inputs.serving.text_input
+    context = {
+        "name": name,
+        "recipe": inputs.recipe.name,
+        "max_batch_size": model.context["max_batch_size"],
+        "inputs": [_text_tensor(inputs.serving)],
+        "outputs": [_tensor(t) for t in spec.outputs],
+        "steps": [
+            {"model": tokenizer, "input_map": {text: text}, "output_map": {n: n for n in spec.input_names}},
+            {"model": model.name, "input_map": {n: n for n in spec.input_names}, "output_map": {n: n for n in spec.output_names}},
+        ],
+    }
+    return RenderedModel(name, "ensemble.pbtxt.j2", context, {})
+
+
+TARGETS: dict[str, Target] = {
+    "onnxruntime": Target("_onnx", "", _onnxruntime_model),
+    "python": Target("_onnx_python", "_python", _python_model),
+    "tensorrt": Target("_tensorrt_plan", "_tensorrt", _tensorrt_model, needs_engine=True),
+}
+
+
+def _model_context(name: str, inputs: _Inputs, kind: str, ragged: bool) -> dict:
+    recipe, spec, serving = inputs.recipe, inputs.spec, inputs.serving
+    return {
+        "name": name,
+        "recipe": recipe.name,
+        "max_batch_size": recipe.profile.batch.max,
+        "inputs": [_tensor(t, ragged=ragged and SEQUENCE in t.dims) for t in spec.inputs],
+        "outputs": [_tensor(t) for t in spec.outputs],
+        "batching": {"preferred_batch_sizes": serving.batch_sizes(recipe.profile), "max_queue_delay_us": serving.max_queue_delay_us},
+        "instance": {"kind": kind, "count": serving.instances, "profiles": []},
+        "warmup": _warmup(spec, _profile_shapes(spec, recipe.profile)),
+    }
+
+
+def _session_options(serving: ServingConfig, accelerate: bool) -> dict:
+    options = serving.onnxruntime
+    accelerator = None
+    if accelerate and serving.tensorrt_accelerator:
+        accelerator = {"name": "tensorrt", "parameters": {
+            "precision_mode": serving.tensorrt_precision,
+            "max_workspace_size_bytes": str(ACCELERATOR_WORKSPACE_BYTES),
+        }}
+    return {
+        "graph_level": GRAPH_LEVELS[options.graph_optimization_level],
+        "accelerator": accelerator,
+        "parameters": {
+            "intra_op_thread_count": str(options.intra_op_thread_count),
+            "inter_op_thread_count": str(options.inter_op_thread_count),
+            "execution_mode": str(EXECUTION_MODES[options.execution_mode]),
+        },
+    }
+
+
+def _tensor(tensor: TensorSpec, ragged: bool = False) -> dict:
+    return {"name": tensor.name, "data_type": tensor.triton_type, "dims": tensor.triton_dims(BATCH), "ragged": ragged}
+
+
+def _text_tensor(serving: ServingConfig) -> dict:
+    return {"name": serving.text_input, "data_type": "TYPE_STRING", "dims": [1], "ragged": False}
+
+
+def _warmup(spec: IOSpec, shapes: list[Mapping[str, Shape]]) -> list[dict]:
+    """Warmup samples of zeros, one per set of full input shapes (batch first)."""
+    samples = []
+    for shape in shapes:
+        batch = shape[spec.inputs[0].name][0]
+        tensors = [{"name": t.name, "data_type": t.triton_type, "dims": list(shape[t.name][1:])} for t in spec.inputs]
+        sizes = " x ".join(str(size) for size in shape[spec.inputs[0].name])
+        samples.append({"name": f"zeros {sizes}", "batch_size": batch, "inputs": tensors})
+    return samples
+
+
+def _profile_shapes(spec: IOSpec, profile: Profile) -> list[dict[str, Shape]]:
+    """The recipe profile's smallest and largest shapes: the model's kernels are loaded before traffic."""
+    ends = ((profile.batch.min, profile.sequence.min), (profile.batch.max, profile.sequence.max))
+    return [
+        {t.name: tuple(batch if d == BATCH else sequence if d == SEQUENCE else d for d in t.dims) for t in spec.inputs}
+        for batch, sequence in ends
+    ]
+
+
+def _plan_shapes(plan: TensorRTPlan) -> list[dict[str, Shape]]:
+    """Each engine profile's min and max shapes, the batch capped at the plan's max_batch_size."""
+    shapes = []
+    for profile in plan.profiles:
+        for end in (0, 2):
+            shape = {name: (min(ranges[end][0], plan.max_batch_size), *ranges[end][1:]) for name, ranges in profile.items()}
+            if all(shape[name][0] >= ranges[0][0] for name, ranges in profile.items()) and shape not in shapes:
+                shapes.append(shape)
+    return shapes
+
+
+# ---- checks and tokenizer facts -------------------------------------------------------------------------------
+
+
+def _check_spec(spec: IOSpec, serving: ServingConfig) -> None:
+    """Triton batching needs the batch axis first; inputs may have no other dynamic axis than the sequence."""
+    for tensor in spec.inputs + spec.outputs:
+        if not tensor.dims or tensor.dims[0] != BATCH:
+            raise PackagerError(f"tensor '{tensor.name}' dims {list(tensor.dims)}: Triton batching needs '{BATCH}' first")
+    for tensor in spec.inputs:
+        other = [d for d in tensor.dims[1:] if isinstance(d, str) and d != SEQUENCE]
+        if other:
+            raise PackagerError(f"input '{tensor.name}' has dynamic axes {other}: warmup and padding know only '{SEQUENCE}'")
+    if serving.text_input in spec.input_names + spec.output_names:
+        raise UsageError(f"serving.text_input '{serving.text_input}' clashes with a tensor of the model")
+
+
+def _check_profiles(plan: TensorRTPlan, spec: IOSpec) -> None:
+    """Every profile sizes every input at its rank; some profile takes the plan's max_batch_size."""
+    if not plan.profiles:
+        raise PackagerError(f"TensorRT engine {plan.path} comes with no optimization profiles")
+    for index, profile in enumerate(plan.profiles):
+        if set(profile) != set(spec.input_names):
+            raise PackagerError(f"TensorRT profile {index} sizes {sorted(profile)}; the graph's inputs are {spec.input_names}")
+        for tensor in spec.inputs:
+            if any(len(shape) != len(tensor.dims) for shape in profile[tensor.name]):
+                raise PackagerError(f"TensorRT profile {index} shapes of '{tensor.name}' are not of rank {len(tensor.dims)}")
+    largest = max(ranges[2][0] for profile in plan.profiles for ranges in profile.values())
+    if not 1 <= plan.max_batch_size <= largest:
+        raise PackagerError(f"TensorRT max_batch_size {plan.max_batch_size} is outside the engine's batch range 1..{largest}")
+
+
+def _pad_values(tokenizer: PreTrainedTokenizerBase, spec: IOSpec) -> dict[str, int]:
+    """The value the tokenizer pads each input with, read from a padded batch (pad id, mask 0, type 0...)."""
+    try:
+        encoded = tokenizer(["a", "a a a a a a"], padding="longest", return_tensors="np")
+    except ValueError as exc:
+        raise PackagerError(f"the tokenizer cannot pad a batch: {first_line(exc)}") from None
+    position = -1 if tokenizer.padding_side == "right" else 0
+    missing = [name for name in spec.input_names if name not in encoded]
+    if missing:
+        raise PackagerError(f"the tokenizer gives {sorted(encoded.keys())}, not the graph's inputs {missing}")
+    return {name: int(encoded[name][0, position]) for name in spec.input_names}
+
+
+def _tokenizer_files(tokenizer: PreTrainedTokenizerBase) -> dict[str, bytes]:
+    """The files `save_pretrained` writes, so the served tokenizer loads offline from its version folder."""
+    with tempfile.TemporaryDirectory(prefix="tokenizer-") as folder:
+        tokenizer.save_pretrained(folder)
+        return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+# ---- recipe parsing -------------------------------------------------------------------------------------------
+
+
+def _parse_table(cls: type, table: Mapping[str, object], where: str, **given):
+    """Build dataclass `cls` from a TOML table, checking names and types against the fields' defaults."""
+    if not isinstance(table, Mapping):
+        raise UsageError(f"{where} must be a table")
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(table) - set(known) - set(given))
+    if unknown:
+        raise UsageError(f"{where}: unknown keys {unknown}; known keys are {', '.join(known)}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in table.items():
+        expected = hints[key]
+        if typing.get_origin(expected) is tuple:
+            element = typing.get_args(expected)[0]
+            _require(isinstance(value, list) and all(type(v) is element for v in value),
+                     f"{where}: {key} must be a list of {element.__name__}, not {value!r}")
+            value = tuple(value)
+        else:
+            _require(type(value) is expected, f"{where}: {key} must be a {expected.__name__}, not {value!r}")
+        values[key] = value
+    try:
+        return cls(**values, **given)
+    except UsageError as exc:
+        raise UsageError(f"{where}: {exc}") from None
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise UsageError(message)
+
+
+def _require_choice(what: str, value: object, choices: Mapping | tuple) -> None:
+    _require(value in choices, f"{what} must be one of {', '.join(map(str, choices))}; got {value!r}")

@@ -1,0 +1,336 @@
+"""Rendering the Triton configs: golden files, names against the ONNX graph, schema errors, the [serving] section,
+and the python-backend models served by the real tritonserver (tokenizer + portable ONNX Runtime model).
+
+Regenerate the golden files with `UPDATE_GOLDEN=1 pytest tests/test_render.py -k golden` and review the diff.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+from google.protobuf import text_format
+from transformers import AutoTokenizer
+from tritonclient.grpc import model_config_pb2
+
+from packager import export, iospec, render, repository, source, validate
+from packager.errors import PackagerError, UsageError
+from packager.recipe import load_recipe
+from packager.render import Artifacts, OnnxRuntimeOptions, ServingConfig, TensorRTPlan
+from packager.tasks import get_task
+from packager.triton.server import load_models, serve
+
+GOLDEN = Path(__file__).parent / "golden"
+ALL_TARGETS = ServingConfig(targets=("onnxruntime", "python", "tensorrt"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Exported:
+    recipe: object
+    spec: iospec.IOSpec
+    onnx: Path
+    tokenizer: object
+
+    def plan(self, max_batch: int = 4) -> TensorRTPlan:
+        """Profiles as the TensorRT stage reports them; rendering never reads the engine file."""
+        profile = {name: ((1, 2), (2, 16), (4, 32)) for name in self.spec.input_names}
+        return TensorRTPlan(self.onnx.with_name("model.plan"), (profile,), max_batch)
+
+    def render(self, serving: ServingConfig = ALL_TARGETS, plan: bool = True) -> dict[str, render.RenderedModel]:
+        artifacts = Artifacts(self.onnx, self.tokenizer, self.plan() if plan else None)
+        return {m.name: m for m in render.render_repository(self.recipe, self.spec, serving, artifacts)}
+
+
+def _export(recipe, folder: Path) -> Exported:
+    loaded = source.load(recipe)
+    exported = export.export_onnx(loaded, get_task(recipe.task), folder / "model.onnx", recipe.opset)
+    return Exported(recipe, exported.spec, exported.path, loaded.tokenizer)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tiny_recipe_embeddings) -> Exported:
+    return _export(tiny_recipe_embeddings, tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module", params=["embeddings", "sequence-classification"])
+def any_task(request, tmp_path_factory, tiny, tiny_recipe_classifier) -> Exported:
+    if request.param == "embeddings":
+        return tiny
+    return _export(tiny_recipe_classifier, tmp_path_factory.mktemp("tinycls"))
+
+
+def parse(text: str) -> model_config_pb2.ModelConfig:
+    return text_format.Parse(text, model_config_pb2.ModelConfig())
+
+
+def io(tensors) -> list[tuple[str, str, list[int]]]:
+    return [(t.name, model_config_pb2.DataType.Name(t.data_type), list(t.dims)) for t in tensors]
+
+
+def graph_io(spec: iospec.IOSpec, tensors) -> list[tuple[str, str, list[int]]]:
+    return [(t.name, t.triton_type, t.triton_dims()) for t in tensors]
+
+
+# ---- golden files and the graph's names -------------------------------------------------------------------------
+
+
+def test_rendered_configs_match_the_golden_files(tiny):
+    models = tiny.render()
+    folder = GOLDEN / tiny.recipe.name
+    if os.environ.get("UPDATE_GOLDEN"):
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob("*.pbtxt"):
+            stale.unlink()
+        for name, model in models.items():
+            (folder / f"{name}.pbtxt").write_text(model.config_text(1))
+    assert sorted(p.stem for p in folder.glob("*.pbtxt")) == sorted(models)
+    for name, model in models.items():
+        assert model.config_text(1) == (folder / f"{name}.pbtxt").read_text(), f"{name} differs from its golden file"
+
+
+def test_every_config_carries_the_onnx_graphs_names_types_and_dims(any_task):
+    graph = iospec.from_onnx(any_task.onnx)  # read again from the file, not the spec given to render
+    inputs, outputs = graph_io(graph, graph.inputs), graph_io(graph, graph.outputs)
+    name = any_task.recipe.name
+    models = {key: parse(model.config_text(7)) for key, model in any_task.render().items()}
+    assert set(models) == {f"{name}_tokenizer", f"{name}_onnx", name, f"{name}_onnx_python", f"{name}_python",
+                           f"{name}_tensorrt_plan", f"{name}_tensorrt"}
+    for model in (f"{name}_onnx", f"{name}_onnx_python", f"{name}_tensorrt_plan"):
+        assert io(models[model].input) == inputs and io(models[model].output) == outputs, model
+    assert io(models[f"{name}_tokenizer"].output) == inputs
+    for ensemble, step in ((name, f"{name}_onnx"), (f"{name}_python", f"{name}_onnx_python"),
+                           (f"{name}_tensorrt", f"{name}_tensorrt_plan")):
+        config = models[ensemble]
+        assert io(config.input) == [("text", "TYPE_STRING", [1])] and io(config.output) == outputs
+        tokenize, run = config.ensemble_scheduling.step
+        assert (tokenize.model_name, run.model_name) == (f"{name}_tokenizer", step)
+        assert dict(tokenize.output_map) == dict(run.input_map) == {n: n for n in graph.input_names}
+        assert dict(run.output_map) == {n: n for n in graph.output_names}
+        assert tokenize.model_version == run.model_version == 7
+    for config in models.values():
+        assert list(config.version_policy.specific.versions) == [7]
+        assert config.max_batch_size == any_task.recipe.profile.batch.max
+
+
+def test_model_configs_batch_warm_up_and_use_the_recipe(tiny):
+    serving = ServingConfig(preferred_batch_sizes=(2,), max_queue_delay_us=250, instances=2,
+                            onnxruntime=OnnxRuntimeOptions(intra_op_thread_count=1, graph_optimization_level="basic"))
+    models = tiny.render(serving, plan=False)
+    onnx, portable = parse(models["tiny_onnx"].config_text(1)), parse(models["tiny_onnx_python"].config_text(1))
+    for config in (onnx, portable):
+        assert list(config.dynamic_batching.preferred_batch_size) == [2]
+        assert config.dynamic_batching.max_queue_delay_microseconds == 250
+        assert config.optimization.graph.level == -1
+        assert config.parameters["intra_op_thread_count"].string_value == "1"
+        assert [(w.batch_size, list(w.inputs["input_ids"].dims)) for w in config.model_warmup] == [(1, [2]), (4, [32])]
+    assert onnx.platform == "onnxruntime_onnx" and portable.backend == "python"
+    assert [(g.kind, g.count) for g in onnx.instance_group] == [(model_config_pb2.ModelInstanceGroup.KIND_CPU, 2)]
+    assert not any(t.allow_ragged_batch for t in onnx.input) and all(t.allow_ragged_batch for t in portable.input)
+    assert "tiny_tensorrt_plan" not in models, "no engine, no tensorrt model"
+
+
+def test_gpu_config_can_enable_the_tensorrt_accelerator_in_fp16(tiny):
+    config = parse(tiny.render(ServingConfig(device="gpu", tensorrt_accelerator=True))["tiny_onnx"].config_text(1))
+    assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+    (accelerator,) = config.optimization.execution_accelerators.gpu_execution_accelerator
+    assert accelerator.name == "tensorrt" and accelerator.parameters["precision_mode"] == "FP16"
+    assert not parse(tiny.render()["tiny_onnx"].config_text(1)).optimization.execution_accelerators.gpu_execution_accelerator
+
+
+def test_tensorrt_config_uses_the_engines_profiles_by_index(tiny):
+    profiles = tuple({n: ((1, 2), (2, 8), (4, 16)) if i == 0 else ((1, 16), (2, 32), (2, 32)) for n in tiny.spec.input_names}
+                     for i in range(2))
+    plan = TensorRTPlan(tiny.onnx.with_name("model.plan"), profiles, max_batch_size=2)
+    models = {m.name: m for m in render.render_repository(tiny.recipe, tiny.spec, ServingConfig(targets=("tensorrt",)),
+                                                           Artifacts(tiny.onnx, tiny.tokenizer, plan))}
+    config = parse(models["tiny_tensorrt_plan"].config_text(1))
+    assert config.platform == "tensorrt_plan" and config.max_batch_size == 2
+    assert [(g.kind, list(g.profile)) for g in config.instance_group] == [
+        (model_config_pb2.ModelInstanceGroup.KIND_GPU, ["0", "1"])]
+    warmups = [(w.batch_size, list(w.inputs["attention_mask"].dims)) for w in config.model_warmup]
+    assert warmups == [(1, [2]), (2, [16]), (1, [16]), (2, [32])], "each profile's ends, batch capped at 2"
+    assert parse(models["tiny_tensorrt"].config_text(1)).max_batch_size == 2
+    assert models["tiny_tensorrt_plan"].files == {"model.plan": plan.path}
+
+
+@pytest.mark.parametrize("profile, message", [
+    ({"input_ids": ((1, 2), (2, 8), (4, 16))}, "sizes ['input_ids']"),
+    ("rank", "not of rank 2"),
+])
+def test_tensorrt_profiles_that_do_not_fit_the_graph_are_refused(tiny, profile, message):
+    if profile == "rank":
+        profile = {n: ((1,), (2,), (4,)) for n in tiny.spec.input_names}
+    plan = TensorRTPlan(Path("model.plan"), (profile,), 4)
+    with pytest.raises(PackagerError, match=re.escape(message)):
+        render.render_repository(tiny.recipe, tiny.spec, ALL_TARGETS, Artifacts(tiny.onnx, tiny.tokenizer, plan))
+
+
+# ---- the files of the python-backend models --------------------------------------------------------------------
+
+
+def test_tokenizer_files_load_offline_and_tokenize_like_the_source(tiny, tmp_path):
+    files = tiny.render()["tiny_tokenizer"].files
+    assert files["model.py"] == render.PYTHON_MODELS / "tokenizer_model.py"
+    for relative, data in files.items():
+        if relative.startswith(f"{render.TOKENIZER_FOLDER}/"):
+            (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / relative).write_bytes(data)
+    served = AutoTokenizer.from_pretrained(tmp_path / render.TOKENIZER_FOLDER, local_files_only=True)
+    texts = list(validate.VALIDATION_TEXTS)
+    assert served(texts)["input_ids"] == tiny.tokenizer(texts)["input_ids"]
+
+
+def test_portable_model_ships_graph_code_and_padding_facts(tiny):
+    files = tiny.render()["tiny_onnx_python"].files
+    assert files["model.onnx"] == tiny.onnx and files["model.py"] == render.PYTHON_MODELS / "onnxruntime_model.py"
+    padding = json.loads(files[render.PADDING_FILE])
+    assert padding == {
+        "sequence_axes": {"input_ids": 1, "token_type_ids": 1, "attention_mask": 1, "token_embeddings": 1},
+        "pad_values": {"input_ids": tiny.tokenizer.pad_token_id, "token_type_ids": 0, "attention_mask": 0},
+    }
+
+
+# ---- errors ------------------------------------------------------------------------------------------------------
+
+
+def test_a_schema_error_stops_rendering_with_the_template_and_the_problem(tiny):
+    context = dict(tiny.render()["tiny_onnx"].context)
+    context["inputs"] = [{**context["inputs"][0], "data_type": "TYPE_TEXT"}]
+    with pytest.raises(PackagerError) as failure:
+        render.render_config("onnxruntime.pbtxt.j2", {**context, "version": 1})
+    message = str(failure.value)
+    assert "onnxruntime.pbtxt.j2" in message and "TYPE_TEXT" in message and "\n" not in message
+
+
+def test_a_missing_template_variable_is_an_error_not_an_empty_string(tiny):
+    context = dict(tiny.render()["tiny"].context)
+    del context["steps"]
+    with pytest.raises(PackagerError, match=r"template ensemble.pbtxt.j2: 'steps' is undefined"):
+        render.render_config("ensemble.pbtxt.j2", {**context, "version": 1})
+
+
+def test_text_input_may_not_clash_with_a_model_tensor(tiny):
+    with pytest.raises(UsageError, match="clashes"):
+        tiny.render(ServingConfig(text_input="input_ids"))
+
+
+# ---- the [serving] section -----------------------------------------------------------------------------------------
+
+
+def test_serving_defaults_when_the_recipe_has_no_section(tiny_recipe_embeddings):
+    serving = ServingConfig.from_recipe(tiny_recipe_embeddings)
+    assert serving == ServingConfig()
+    assert serving.batch_sizes(tiny_recipe_embeddings.profile) == (2, 4)
+
+
+def test_bert_recipe_serving_section_parses():
+    serving = ServingConfig.from_recipe(load_recipe("bert"))
+    assert serving.targets == ("onnxruntime", "python", "tensorrt") and serving.text_input == "text"
+    assert serving.preferred_batch_sizes == (8, 32) and serving.onnxruntime.execution_mode == "sequential"
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"target": ["python"]}, "unknown keys ['target']"),
+    ({"instances": "2"}, "instances must be a int"),
+    ({"preferred_batch_sizes": [2, 8]}, "exceeds the profile's max batch 4"),
+    ({"targets": ["python", "triton"]}, "serving.targets must be one of"),
+    ({"tensorrt_accelerator": True}, "needs serving.device"),
+    ({"onnxruntime": {"graph_optimization_level": "max"}}, "graph_optimization_level must be one of"),
+    ({"onnxruntime": {"threads": 2}}, "[serving].onnxruntime: unknown keys ['threads']"),
+])
+def test_bad_serving_keys_are_usage_errors_naming_the_key(tiny_recipe_embeddings, section, message):
+    recipe = tiny_recipe_embeddings.replace(sections={"serving": section})
+    with pytest.raises(UsageError, match=re.escape(message)):
+        ServingConfig.from_recipe(recipe)
+
+
+# ---- live: the python-backend models in the real tritonserver ------------------------------------------------------
+
+JOIN = 4  # requests the batcher must gather before it runs them (the queue delay is far longer than the test)
+
+
+@pytest.fixture(scope="module")
+def served(tiny, tmp_path_factory):
+    """tiny_python (tokenizer + portable model) published and loaded; the batcher waits for JOIN rows."""
+    pytest.importorskip("pytriton", reason="the local launcher needs nvidia-pytriton")
+    serving = ServingConfig(targets=("python",), preferred_batch_sizes=(JOIN,), max_queue_delay_us=60_000_000)
+    root = tmp_path_factory.mktemp("served") / "model_repository"
+    repository.publish(root, list(tiny.render(serving, plan=False).values()), {"test": "live"})
+    with serve("local", root, ready_timeout_s=60) as server:
+        loaded = load_models(server, ["tiny_python"])
+        assert loaded["tiny_python"].ok, loaded["tiny_python"].error
+        client = httpclient.InferenceServerClient(server.http_url, concurrency=JOIN)
+        try:
+            yield client
+        finally:
+            client.close()
+
+
+def _infer_texts(client, model: str, texts: list[str]):
+    tensor = httpclient.InferInput("text", [len(texts), 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([[t.encode()] for t in texts], dtype=object))
+    return client.infer(model, [tensor])
+
+
+def test_served_tokenizer_truncates_pads_and_keeps_the_graphs_types(served, tiny):
+    texts = ["Ok.", "A man is playing a guitar on stage.", validate.VALIDATION_TEXTS[9]]  # the last needs truncation
+    result = _infer_texts(served, "tiny_tokenizer", texts)
+    expected = tiny.tokenizer(texts, truncation=True, max_length=32, padding="longest", return_tensors="np")
+    for tensor in tiny.spec.inputs:
+        got = result.as_numpy(tensor.name)
+        assert got.dtype == tensor.numpy_dtype and got.shape == (3, 32)
+        np.testing.assert_array_equal(got, expected[tensor.name])
+
+
+def test_served_ensemble_embeds_text_like_onnx_runtime(served, tiny):
+    texts = ["", "Ok.", "Où est la gare ? Je voudrais un café crème.", "Great job team 🎉🚀 see you tomorrow 👋"]
+    result = _infer_texts(served, "tiny_python", texts)
+    session = validate.onnxruntime_runner(tiny.onnx, tiny.spec)
+    longest = max(len(tiny.tokenizer(t)["input_ids"]) for t in texts)
+    assert result.as_numpy("token_embeddings").shape == (4, longest, 32)
+    for row, text in enumerate(texts):
+        alone = validate.tokenize(tiny.tokenizer, tiny.spec, [text], len(tiny.tokenizer(text)["input_ids"]))
+        np.testing.assert_allclose(result.as_numpy("sentence_embedding")[row], session(alone)["sentence_embedding"][0],
+                                   atol=1e-5)
+
+
+def test_portable_model_pads_requests_of_different_lengths_that_the_batcher_joins(served, tiny):
+    texts = [["Ok."], ["A man is playing a guitar on stage.", "Hi"], [validate.VALIDATION_TEXTS[3]]]  # 1 + 2 + 1 rows
+    requests = [{t.name: v for t, v in zip(tiny.spec.inputs, _encode(tiny, batch))} for batch in texts]
+    assert len({r["input_ids"].shape[1] for r in requests}) == 3, "three different sequence lengths"
+    before = _executions(served)
+
+    pending = [served.async_infer("tiny_onnx_python", _tensors(tiny, inputs)) for inputs in requests]
+    results = [request.get_result() for request in pending]
+    executions, inferences = (now - then for now, then in zip(_executions(served), before))
+    assert (executions, inferences) == (1, JOIN), "the batcher joined all requests into one execution"
+    session = validate.onnxruntime_runner(tiny.onnx, tiny.spec)
+    for inputs, result in zip(requests, results):
+        alone = session(inputs)
+        for name in tiny.spec.output_names:
+            assert result.as_numpy(name).shape == alone[name].shape, "outputs cut back to the request's own length"
+            np.testing.assert_allclose(result.as_numpy(name), alone[name], atol=1e-5)
+
+
+def _tensors(tiny, inputs: dict[str, np.ndarray]) -> list[httpclient.InferInput]:
+    tensors = []
+    for tensor in tiny.spec.inputs:
+        tensors.append(httpclient.InferInput(tensor.name, list(inputs[tensor.name].shape), tensor.triton_datatype))
+        tensors[-1].set_data_from_numpy(inputs[tensor.name])
+    return tensors
+
+
+def _encode(tiny, texts: list[str]) -> list[np.ndarray]:
+    encoded = tiny.tokenizer(texts, padding="longest", return_tensors="np")
+    return [encoded[t.name].astype(t.numpy_dtype) for t in tiny.spec.inputs]
+
+
+def _executions(client) -> tuple[int, int]:
+    (stats,) = client.get_inference_statistics("tiny_onnx_python")["model_stats"]
+    return int(stats["execution_count"]), int(stats["inference_count"])
