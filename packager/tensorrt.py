@@ -322,19 +322,16 @@ def _check_network(parsed: IOSpec, spec: IOSpec, graph: Path) -> None:
 @cache
 def _logger_class(trt: ModuleType) -> type:
     class CapturingLogger(trt.ILogger):
-        """Keeps errors, and the last INFO-and-above messages, for error messages and the build facts."""
+        """Keeps every error, and the last INFO-and-above messages, for the error raised on a failure."""
 
         def __init__(self, keep: int = 60):
             trt.ILogger.__init__(self)
             self.errors: list[str] = []
-            self.warnings: list[str] = []
             self.tail: deque[str] = deque(maxlen=keep)
 
         def log(self, severity, message):
             if severity <= trt.ILogger.Severity.ERROR:
                 self.errors.append(message)
-            elif severity == trt.ILogger.Severity.WARNING:
-                self.warnings.append(message)
             if severity <= trt.ILogger.Severity.INFO:
                 self.tail.append(f"[{severity.name}] {message}")
 
@@ -439,21 +436,25 @@ class EngineResult:
 
 @dataclass(frozen=True)
 class _Mode:
-    strongly_typed: bool
-    fp16_graph: bool
-    builder_flags: tuple[str, ...]
+    strongly_typed: bool  # precision from the graph's own types
+    fp16_graph: bool  # parse the fp16 graph instead of the exported one
+    builder_flags: tuple[str, ...]  # BuilderFlag names to set
+
+
+BUILD_MODES: dict[str, _Mode] = {
+    "fp32": _Mode(strongly_typed=True, fp16_graph=False, builder_flags=()),
+    "fp16 graph": _Mode(strongly_typed=True, fp16_graph=True, builder_flags=()),
+    "fp16 flag": _Mode(strongly_typed=False, fp16_graph=False, builder_flags=("FP16",)),
+}
 
 
 def build_mode(settings: TensorRTSettings, backend: Backend) -> _Mode:
     """How the precision is obtained: the graph's own types (strongly typed), or the FP16 builder flag."""
-    if settings.precision == "fp32":
-        return _Mode(strongly_typed=True, fp16_graph=False, builder_flags=())
-    if settings.fp16_method == "graph":
-        return _Mode(strongly_typed=True, fp16_graph=True, builder_flags=())
-    if not backend.fp16_flag:
+    mode = BUILD_MODES["fp32" if settings.precision == "fp32" else f"fp16 {settings.fp16_method}"]
+    if mode.builder_flags and not backend.fp16_flag:
         raise UsageError(f"{backend.name} builds strongly typed networks only (no FP16 builder flag): "
                          "use fp16_method = \"graph\"")
-    return _Mode(strongly_typed=False, fp16_graph=False, builder_flags=("FP16",))
+    return mode
 
 
 def build_engine(
