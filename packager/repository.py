@@ -1,0 +1,324 @@
+"""The Triton model repository on disk: layout, model names, versions, and an atomic publish with manifests.
+
+    <root>/<model>/config.pbtxt
+    <root>/<model>/<version>/{model files, manifest.json}
+
+A publish adds one version (the next after the highest of its models, or a pinned one) to every model it carries.
+It runs under a lock (fcntl.flock), stages everything in a workspace next to the root on the same filesystem
+(`<parent>/.<root name>.publish/`: a folder inside the root would look like a model to Triton), writes a journal of
+the renames that move the staged folders and configs into place, then performs them in order: version folders
+first, configs last in the order given (the ensembles, which pin the version, after their steps). A version
+folder appears in one rename, so a server polling the repository never sees it half-written. A publish that
+fails, or is killed (SIGKILL) half-way, is rolled back: at once on an exception, else by the next publish (or
+`recover`), which undoes the journal's renames in reverse and leaves the repository exactly as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Protocol
+
+from packager.console import say
+from packager.errors import PackagerError, UsageError
+from packager.iospec import IOSpec
+from packager.recipe import Recipe
+
+CONFIG_FILE = "config.pbtxt"
+MANIFEST_FILE = "manifest.json"
+JOURNAL_FILE = "journal.json"
+COMMITTED_FILE = "committed"
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # Triton model names; no separators, no leading dot
+RECORDED_PACKAGES = ("torch", "transformers", "onnx", "onnxruntime", "tritonclient")
+
+
+class Publishable(Protocol):
+    """What publish needs of a model (render.RenderedModel is one)."""
+
+    name: str
+    files: Mapping[str, Path | bytes]
+
+    def config_text(self, version: int) -> str: ...
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    version: int
+    paths: dict[str, Path]  # model name -> its new version folder
+
+
+@dataclass(frozen=True)
+class Move:
+    """One rename of the journal. `backup` holds what `dst` was, when there was something."""
+
+    kind: str  # "dir" or "file"
+    src: str
+    dst: str
+    backup: str | None = None
+
+
+def check_name(name: str, what: str = "model name") -> str:
+    """A valid Triton model name (or file name in a version folder) that cannot leave its folder."""
+    if not NAME_PATTERN.fullmatch(name):
+        raise UsageError(f"invalid {what} {name!r}: use letters, digits, '_', '.', '-', not starting with '.' or '-'")
+    return name
+
+
+def versions(model_dir: Path) -> list[int]:
+    """The version folders of a model, as Triton reads them (decimal names without leading zeros)."""
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and re.fullmatch(r"[1-9][0-9]*", p.name))
+
+
+def publish(
+    repo_root: Path | str,
+    models: Sequence[Publishable],
+    manifest: Mapping[str, object],
+    version: int | None = None,
+    force: bool = False,
+) -> PublishResult:
+    """Add `version` (default: the next free one) of every model to the repository, atomically.
+
+    `models` come in dependency order (steps before the ensembles that pin them), as render_repository returns
+    them. An existing version is replaced only with `force`.
+    """
+    root = Path(repo_root).absolute()
+    _check_models(models)
+    workspace = _workspace(root)
+    with _locked(workspace, root):
+        _recover(root, workspace)
+        chosen = _choose_version(root, [m.name for m in models], version, force)
+        transaction = Path(tempfile.mkdtemp(prefix="txn-", dir=workspace))
+        try:
+            moves = _stage(root, transaction, models, chosen, manifest)
+            _write_journal(transaction, moves)
+            for move in moves:
+                _apply(move)
+            (transaction / COMMITTED_FILE).touch()
+        except BaseException:
+            _roll_back(transaction)
+            raise
+        finally:
+            shutil.rmtree(transaction, ignore_errors=True)
+    return PublishResult(chosen, {m.name: root / m.name / str(chosen) for m in models})
+
+
+def recover(repo_root: Path | str) -> int:
+    """Roll back publishes that were killed half-way and clear their staging; returns how many were rolled back."""
+    root = Path(repo_root).absolute()
+    workspace = root.parent / f".{root.name}.publish"
+    if not workspace.is_dir():
+        return 0
+    with _locked(workspace, root):
+        return _recover(root, workspace)
+
+
+def build_manifest(
+    recipe: Recipe, spec: IOSpec, weights_sha256: str, parity: Sequence[Mapping], **extra: Mapping
+) -> dict:
+    """The facts that reproduce a version; `extra` adds stage records (e.g. optimize=..., tensorrt=...)."""
+    manifest = {
+        "recipe": dataclasses.asdict(recipe),
+        "source": {"where": recipe.source.describe(), "weights_sha256": weights_sha256},
+        "packages": {"python": platform.python_version(), **{name: _package_version(name) for name in RECORDED_PACKAGES}},
+        "iospec": dataclasses.asdict(spec),
+        "profile": dataclasses.asdict(recipe.profile),
+        "parity": list(parity),
+        "created": _now(),
+    }
+    clashes = sorted(set(extra) & set(manifest))
+    if clashes:
+        raise PackagerError(f"manifest extras {clashes} would replace the base record")
+    return {**manifest, **extra}
+
+
+# ---- staging -------------------------------------------------------------------------------------------------
+
+
+def _check_models(models: Sequence[Publishable]) -> None:
+    if not models:
+        raise UsageError("nothing to publish")
+    names = [check_name(model.name) for model in models]
+    if len(set(names)) != len(names):
+        raise UsageError(f"model names repeat: {names}")
+    for model in models:
+        for relative in model.files:
+            for part in relative.split("/"):
+                check_name(part, f"file name in {model.name}")
+            if relative == MANIFEST_FILE:
+                raise UsageError(f"{model.name}: {MANIFEST_FILE} is written by publish")
+
+
+def _workspace(root: Path) -> Path:
+    """The staging folder next to the root; renames from it into the root need one filesystem."""
+    workspace = root.parent / f".{root.name}.publish"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        workspace.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise PackagerError(f"cannot create the repository {root} and its staging folder {workspace}: {exc.strerror}") from None
+    if workspace.stat().st_dev != root.stat().st_dev:
+        raise PackagerError(f"{root} is a mount point: publish stages in {root.parent}, which must be on the same filesystem")
+    return workspace
+
+
+@contextmanager
+def _locked(workspace: Path, root: Path) -> Iterator[None]:
+    """Hold the repository's publish lock (released by the kernel if the process dies)."""
+    with (workspace / "lock").open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"    waiting for another publish to {root} to finish")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _choose_version(root: Path, names: list[str], version: int | None, force: bool) -> int:
+    existing = {name: versions(root / name) for name in names}
+    if version is None:
+        return max((v for found in existing.values() for v in found), default=0) + 1
+    if version < 1:
+        raise UsageError(f"version must be >= 1, got {version}")
+    taken = [name for name, found in existing.items() if version in found]
+    if taken and not force:
+        raise UsageError(f"version {version} of {', '.join(taken)} exists in {root}; pass --force to replace it")
+    return version
+
+
+def _stage(root: Path, transaction: Path, models: Sequence[Publishable], version: int, manifest: Mapping) -> list[Move]:
+    """Write every model's version folder and config under `transaction`; return the renames, in order."""
+    folders, configs = [], []
+    names = [model.name for model in models]
+    for model in models:
+        staged = transaction / "stage" / model.name
+        _write_version(staged / str(version), model, {**manifest, "model": model.name, "models": names, "version": version})
+        (staged / CONFIG_FILE).write_text(model.config_text(version))
+        target = root / model.name
+        if not target.exists():  # a new model folder appears in one rename, config and version together
+            configs.append(Move("dir", str(staged), str(target)))
+            continue
+        replaced = target / str(version)
+        backup = transaction / "replaced" / model.name if replaced.exists() else None
+        folders.append(Move("dir", str(staged / str(version)), str(replaced), str(backup) if backup else None))
+        old_config = target / CONFIG_FILE
+        backup = transaction / "old-configs" / model.name if old_config.exists() else None
+        configs.append(Move("file", str(staged / CONFIG_FILE), str(old_config), str(backup) if backup else None))
+    for move in folders + configs:
+        if move.backup:
+            Path(move.backup).parent.mkdir(parents=True, exist_ok=True)
+    return folders + configs
+
+
+def _write_version(folder: Path, model: Publishable, manifest: Mapping) -> None:
+    folder.mkdir(parents=True)
+    digests = {}
+    for relative, source in model.files.items():
+        path = folder / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(source, bytes):
+            path.write_bytes(source)
+        else:
+            try:
+                shutil.copyfile(source, path)
+            except OSError as exc:
+                raise PackagerError(f"cannot copy {source} into {model.name}: {exc.strerror}") from None
+        digests[relative] = _sha256(path)
+    record = {**manifest, "published": _now(), "files": digests}
+    (folder / MANIFEST_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
+
+
+def _write_journal(transaction: Path, moves: list[Move]) -> None:
+    """The journal appears whole (rename) and on disk before the first move."""
+    temporary = transaction / f"{JOURNAL_FILE}.tmp"
+    with temporary.open("w") as handle:
+        json.dump([dataclasses.asdict(move) for move in moves], handle, indent=2)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, transaction / JOURNAL_FILE)
+
+
+# ---- moves, roll-back, recovery --------------------------------------------------------------------------------
+
+
+def _apply(move: Move) -> None:
+    src, dst = Path(move.src), Path(move.dst)
+    if move.backup and dst.exists():
+        if move.kind == "dir":
+            dst.rename(move.backup)  # a forced replacement: the old version steps aside
+        else:
+            os.link(dst, move.backup)  # the old config stays in place until the replace below
+    os.replace(src, dst)
+
+
+def _undo(move: Move) -> None:
+    """Reverse one move, from whatever point it reached (each step is a rename, so the state is visible)."""
+    src, dst = Path(move.src), Path(move.dst)
+    backup = Path(move.backup) if move.backup else None
+    if move.kind == "file":
+        if backup is None and not src.exists():
+            os.replace(dst, src)
+        elif backup is not None and backup.exists() and not src.exists():
+            os.replace(backup, dst)
+        return
+    if not src.exists():
+        dst.rename(src)
+    if backup is not None and backup.exists() and not dst.exists():
+        backup.rename(dst)
+
+
+def _roll_back(transaction: Path) -> bool:
+    """Undo a transaction's moves unless it committed; True when there was something to undo."""
+    journal = transaction / JOURNAL_FILE
+    if (transaction / COMMITTED_FILE).exists() or not journal.exists():
+        return False
+    for data in reversed(json.loads(journal.read_text())):
+        _undo(Move(**data))
+    return True
+
+
+def _recover(root: Path, workspace: Path) -> int:
+    """Clear the transactions left in the workspace (their publishers died), rolling back uncommitted moves."""
+    rolled_back = 0
+    for transaction in sorted(p for p in workspace.iterdir() if p.is_dir() and p.name.startswith("txn-")):
+        rolled_back += _roll_back(transaction)
+        shutil.rmtree(transaction)
+    if rolled_back:
+        say(f"    rolled back {rolled_back} interrupted publish(es) to {root}")
+    return rolled_back
+
+
+# ---- small helpers ---------------------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,341 @@
+"""Publishing to a model repository: layout, manifests, versions, names, roll-back, SIGKILL recovery, and the lock.
+
+The kill and lock tests run real publisher processes (tests/publisher.py is written here, see PUBLISHER) that
+stop at a point the test chooses; the test then kills them with SIGKILL or releases the lock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from packager import export, render, repository, source
+from packager.errors import PackagerError, UsageError
+from packager.render import Artifacts, ServingConfig
+from packager.tasks import get_task
+
+PYTHON_ONLY = ServingConfig(targets=("python",))
+BOTH = ServingConfig(targets=("python", "onnxruntime"))
+PUBLISHER = textwrap.dedent('''
+    """A publisher process for the tests: publishes prepared models, optionally stopping at a chosen point."""
+    import json, sys, time
+    from dataclasses import dataclass
+    from pathlib import Path
+
+    from packager import repository
+
+
+    @dataclass(frozen=True)
+    class Prepared:
+        name: str
+        files: dict
+        configs: dict
+
+        def config_text(self, version):
+            return self.configs[str(version)]
+
+
+    def stop(marker):
+        Path(marker).write_text("stopped")
+        time.sleep(600)
+
+
+    def stop_before_journal(marker):
+        repository._write_journal = lambda *args: stop(marker)
+
+
+    def stop_after_moves(count, marker):
+        apply, done = repository._apply, [0]
+
+        def counting_apply(move):
+            if done[0] == count:
+                stop(marker)
+            apply(move)
+            done[0] += 1
+
+        repository._apply = counting_apply
+
+
+    job = json.loads(Path(sys.argv[1]).read_text())
+    if job["stop"] == "journal":
+        stop_before_journal(job["marker"])
+    elif job["stop"] is not None:
+        stop_after_moves(job["stop"], job["marker"])
+    models = [Prepared(m["name"], {k: Path(v) for k, v in m["files"].items()}, m["configs"]) for m in job["models"]]
+    result = repository.publish(job["root"], models, {"publisher": job["publisher"]}, job["version"], job["force"])
+    print(f"published version {result.version}", flush=True)
+''')
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny_recipe_embeddings):
+    loaded = source.load(tiny_recipe_embeddings)
+    folder = tmp_path_factory.mktemp("tiny")
+    result = export.export_onnx(loaded, get_task("embeddings"), folder / "model.onnx", tiny_recipe_embeddings.opset)
+    return tiny_recipe_embeddings, result.spec, Artifacts(result.path, loaded.tokenizer), loaded.weights_sha256
+
+
+def models_for(exported, serving: ServingConfig) -> list[render.RenderedModel]:
+    recipe, spec, artifacts, _ = exported
+    return render.render_repository(recipe, spec, serving, artifacts)
+
+
+@pytest.fixture
+def root(tmp_path) -> Path:
+    return tmp_path / "model_repository"
+
+
+def tree(folder: Path) -> dict[str, str]:
+    """Every path under `folder` with a content hash (files) or 'dir'."""
+    return {
+        str(p.relative_to(folder)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+    }
+
+
+def parse(path: Path) -> model_config_pb2.ModelConfig:
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def complete(version_folder: Path) -> bool:
+    """A version folder holds exactly the files its manifest lists, with their digests."""
+    manifest = json.loads((version_folder / repository.MANIFEST_FILE).read_text())
+    files = {str(p.relative_to(version_folder)) for p in version_folder.rglob("*") if p.is_file()}
+    return files == set(manifest["files"]) | {repository.MANIFEST_FILE} and all(
+        hashlib.sha256((version_folder / name).read_bytes()).hexdigest() == digest
+        for name, digest in manifest["files"].items()
+    )
+
+
+def workspace(root: Path) -> Path:
+    return root.parent / f".{root.name}.publish"
+
+
+# ---- layout, manifest, versions ------------------------------------------------------------------------------------
+
+
+def test_publish_lays_out_models_versions_and_manifests(exported, root):
+    recipe, spec, artifacts, weights = exported
+    manifest = repository.build_manifest(recipe, spec, weights, [{"variant": "onnx", "passed": True}],
+                                         optimize={"level": "fused"})
+    result = repository.publish(root, models_for(exported, BOTH), manifest)
+    names = ["tiny_tokenizer", "tiny_onnx_python", "tiny_python", "tiny_onnx", "tiny"]
+    assert result.version == 1 and result.paths == {name: root / name / "1" for name in names}
+    assert sorted(p.name for p in root.iterdir()) == sorted(names), "only model folders in the repository"
+    assert sorted(p.name for p in (root / "tiny_onnx" / "1").iterdir()) == ["manifest.json", "model.onnx"]
+    assert sorted(p.name for p in (root / "tiny" / "1").iterdir()) == ["manifest.json"], "the ensemble's version"
+    assert (root / "tiny_tokenizer" / "1" / "tokenizer" / "tokenizer.json").is_file()
+    for name in names:
+        assert parse(root / name / "config.pbtxt").name == name and complete(root / name / "1")
+    record = json.loads((root / "tiny_onnx" / "1" / "manifest.json").read_text())
+    assert record["version"] == 1 and record["model"] == "tiny_onnx" and record["models"] == names
+    assert record["source"]["weights_sha256"] == weights and record["iospec"]["inputs"][0]["name"] == "input_ids"
+    assert set(record["packages"]) >= {"torch", "transformers", "onnx", "onnxruntime", "tritonclient"}
+    assert all(record["packages"][name] for name in ("torch", "onnx", "onnxruntime", "tritonclient"))
+    assert record["profile"]["sequence"] == {"min": 2, "opt": 16, "max": 32} and record["parity"][0]["passed"]
+    assert record["optimize"] == {"level": "fused"} and record["created"] and record["published"]
+    assert record["files"]["model.onnx"] == hashlib.sha256(artifacts.onnx.read_bytes()).hexdigest()
+
+
+def test_each_publish_adds_the_next_version_across_the_recipes_models(exported, root):
+    assert repository.publish(root, models_for(exported, PYTHON_ONLY), {}).version == 1
+    first = tree(root / "tiny_onnx_python" / "1")
+    result = repository.publish(root, models_for(exported, BOTH), {})  # tiny_onnx and tiny are new: they start at 2
+    assert result.version == 2
+    assert repository.versions(root / "tiny_onnx_python") == [1, 2] and repository.versions(root / "tiny_onnx") == [2]
+    assert tree(root / "tiny_onnx_python" / "1") == first, "an earlier version is left alone"
+    ensemble = parse(root / "tiny_python" / "config.pbtxt")
+    assert [step.model_version for step in ensemble.ensemble_scheduling.step] == [2, 2]
+    assert list(parse(root / "tiny_onnx_python" / "config.pbtxt").version_policy.specific.versions) == [2]
+
+
+def test_an_existing_version_is_replaced_only_with_force(exported, root):
+    models = models_for(exported, PYTHON_ONLY)
+    repository.publish(root, models, {"build": "first"})
+    repository.publish(root, models, {"build": "second"})
+    with pytest.raises(UsageError, match="version 1 of tiny_tokenizer, tiny_onnx_python, tiny_python exists.*--force"):
+        repository.publish(root, models, {"build": "third"}, version=1)
+    assert json.loads((root / "tiny_python" / "1" / "manifest.json").read_text())["build"] == "first"
+    result = repository.publish(root, models, {"build": "third"}, version=1, force=True)
+    assert result.version == 1 and repository.versions(root / "tiny_python") == [1, 2]
+    assert json.loads((root / "tiny_python" / "1" / "manifest.json").read_text())["build"] == "third"
+    assert list(parse(root / "tiny_python" / "config.pbtxt").version_policy.specific.versions) == [1]
+    assert repository.publish(root, models, {}, version=7).version == 7
+    assert repository.publish(root, models, {}).version == 8
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "..", ".hidden", "-flag", "with space", "", "model\\x", "é"])
+def test_names_that_could_escape_or_are_not_triton_names_are_refused(exported, root, name):
+    with pytest.raises(UsageError, match="invalid model name"):
+        repository.check_name(name)
+    model = models_for(exported, PYTHON_ONLY)[0]
+    renamed = render.RenderedModel(name, model.template, model.context, model.files)
+    with pytest.raises(UsageError):
+        repository.publish(root, [renamed], {})
+    assert not root.exists() or not any(root.iterdir())
+
+
+def test_files_that_would_leave_the_version_folder_are_refused(exported, root):
+    model = models_for(exported, PYTHON_ONLY)[0]
+    sneaky = render.RenderedModel(model.name, model.template, model.context, {"../config.pbtxt": b"x"})
+    with pytest.raises(UsageError, match="invalid file name"):
+        repository.publish(root, [sneaky], {})
+
+
+# ---- failures and roll-back ----------------------------------------------------------------------------------------
+
+
+def test_a_failure_while_staging_leaves_the_repository_as_it_was(exported, root, tmp_path):
+    repository.publish(root, models_for(exported, PYTHON_ONLY), {})
+    before = tree(root)
+    models = models_for(exported, PYTHON_ONLY)
+    broken = render.RenderedModel(models[-1].name, models[-1].template, models[-1].context,
+                                  {"model.onnx": tmp_path / "missing.onnx"})
+    with pytest.raises(PackagerError, match="cannot copy .*missing.onnx into tiny_python"):
+        repository.publish(root, models[:-1] + [broken], {})
+    assert tree(root) == before and not list(workspace(root).glob("txn-*"))
+
+
+def test_a_failure_while_moving_is_rolled_back_at_once(exported, root):
+    models = models_for(exported, PYTHON_ONLY)
+    repository.publish(root, models, {})
+    config = root / "tiny_python" / repository.CONFIG_FILE
+    config.unlink()
+    config.mkdir()  # a folder where the ensemble's config must go: its move fails after the others went through
+    before = tree(root)
+    with pytest.raises(OSError):
+        repository.publish(root, models, {})
+    assert tree(root) == before and not list(workspace(root).glob("txn-*"))
+
+
+# ---- real publisher processes: SIGKILL half-way, and two at once ----------------------------------------------------
+
+
+def prepare(exported, serving: ServingConfig, folder: Path) -> list[dict]:
+    """The rendered models as data a publisher process reads: files on disk, configs for versions 1..9."""
+    prepared = []
+    for model in models_for(exported, serving):
+        files = {}
+        for relative, data in model.files.items():
+            if isinstance(data, bytes):
+                path = folder / model.name / relative
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(data)
+                data = path
+            files[relative] = str(data)
+        configs = {str(version): model.config_text(version) for version in range(1, 10)}
+        prepared.append({"name": model.name, "files": files, "configs": configs})
+    return prepared
+
+
+def start_publisher(tmp_path: Path, root: Path, models: list[dict], publisher: str, stop=None,
+                    version: int | None = None, force: bool = False) -> tuple[subprocess.Popen, Path]:
+    script = tmp_path / "publisher.py"
+    script.write_text(PUBLISHER)
+    marker = tmp_path / f"{publisher}.stopped"
+    marker.unlink(missing_ok=True)
+    job = tmp_path / f"{publisher}.json"
+    job.write_text(json.dumps({"root": str(root), "models": models, "publisher": publisher, "stop": stop,
+                               "marker": str(marker), "version": version, "force": force}))
+    process = subprocess.Popen([sys.executable, str(script), str(job)], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).parent.parent)
+    return process, marker
+
+
+def wait_stopped_or_done(process: subprocess.Popen, marker: Path) -> bool:
+    """True when the publisher stopped at its point, False when it finished (it had fewer moves)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if marker.exists():
+            return True
+        if process.poll() is not None:
+            output = process.stdout.read()
+            assert process.returncode == 0, output
+            return False
+        time.sleep(0.02)
+    process.kill()
+    raise AssertionError("the publisher neither stopped nor finished")
+
+
+def kill(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    process.stdout.close()
+
+
+def assert_killed_publish_is_undone(root: Path, before: dict[str, str], moved: bool) -> None:
+    """Right after the kill every version folder is whole and every config parses; recovery restores the rest."""
+    for model in root.iterdir():
+        parse(model / repository.CONFIG_FILE)
+        for version in repository.versions(model):
+            assert complete(model / str(version)), f"{model.name}/{version} is half-written"
+    assert repository.recover(root) == int(moved), "a journal is rolled back; bare staging is only cleared"
+    assert tree(root) == before
+    assert not list(workspace(root).glob("txn-*"))
+
+
+@pytest.mark.parametrize("scenario, moves", [("next version, two new models", 8), ("forced replacement", 6)])
+def test_a_publish_killed_at_any_point_leaves_the_repository_exactly_as_it_was(exported, root, tmp_path, scenario, moves):
+    repository.publish(root, models_for(exported, PYTHON_ONLY), {"build": "original"})
+    forced = scenario == "forced replacement"
+    models = prepare(exported, PYTHON_ONLY if forced else BOTH, tmp_path / "prepared")
+    before = tree(root)
+    killed = 0
+    for stop in ["journal", *range(moves + 1)]:
+        process, marker = start_publisher(tmp_path, root, models, "killed", stop, version=1 if forced else None,
+                                          force=forced)
+        if not wait_stopped_or_done(process, marker):
+            break
+        kill(process)
+        killed += 1
+        assert_killed_publish_is_undone(root, before, moved=stop != "journal")
+    assert killed == moves + 1, "stopped before the journal and after each move but the last"
+    expected = 1 if forced else 2
+    assert repository.versions(root / "tiny_python")[-1] == expected, "the publish that was not stopped went through"
+    assert json.loads((root / "tiny_python" / str(expected) / "manifest.json").read_text())["publisher"] == "killed"
+
+
+def test_concurrent_publishers_are_serialised_and_both_versions_land(exported, root, tmp_path):
+    repository.publish(root, models_for(exported, PYTHON_ONLY), {})
+    models = prepare(exported, PYTHON_ONLY, tmp_path / "prepared")
+    with (workspace(root) / "lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # hold the lock until both publishers are queued behind it
+        processes = [start_publisher(tmp_path, root, models, name)[0] for name in ("first", "second")]
+        for process in processes:
+            assert "waiting for another publish" in process.stdout.readline()
+        assert repository.versions(root / "tiny_python") == [1], "nobody published while the lock was held"
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    outputs = [process.communicate(timeout=120)[0] for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], outputs
+    published = sorted(int(out.split("published version ")[1]) for out in outputs)
+    assert published == [2, 3]
+    for model in ("tiny_tokenizer", "tiny_onnx_python", "tiny_python"):
+        assert repository.versions(root / model) == [1, 2, 3]
+        assert all(complete(root / model / str(version)) for version in (1, 2, 3))
+    publishers = {json.loads((root / "tiny_python" / str(v) / "manifest.json").read_text())["publisher"] for v in (2, 3)}
+    assert publishers == {"first", "second"}
+
+
+def test_recover_on_a_clean_repository_does_nothing(exported, root):
+    assert repository.recover(root) == 0
+    repository.publish(root, models_for(exported, PYTHON_ONLY), {})
+    before = tree(root)
+    assert repository.recover(root) == 0 and tree(root) == before
+
+
+def test_manifest_extras_may_not_replace_the_base_record(exported):
+    recipe, spec, _, weights = exported
+    with pytest.raises(PackagerError, match=r"\['iospec'\]"):
+        repository.build_manifest(recipe, spec, weights, [], iospec={})
