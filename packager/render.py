@@ -154,8 +154,13 @@ class _Inputs:
     artifacts: Artifacts
 
 
-def render_repository(recipe: Recipe, spec: IOSpec, serving: ServingConfig, artifacts: Artifacts) -> list[RenderedModel]:
-    """The tokenizer, then per target (tensorrt only with an engine) its model and its ensemble, all schema-checked."""
+def render_repository(
+    recipe: Recipe, spec: IOSpec, serving: ServingConfig, artifacts: Artifacts
+) -> list[RenderedModel]:
+    """The tokenizer, then per target (tensorrt only with an engine) its model and its ensemble, schema-checked.
+
+    The order is the publish order: every ensemble after the steps it pins.
+    """
     _check_spec(spec, serving)
     inputs = _Inputs(recipe, spec, serving, artifacts)
     tokenizer = _tokenizer_model(f"{recipe.name}_tokenizer", inputs)
@@ -180,7 +185,8 @@ def render_config(template: str, context: Mapping[str, object]) -> str:
     try:
         text_format.Parse(text, model_config_pb2.ModelConfig())
     except text_format.ParseError as exc:
-        raise PackagerError(f"template {template} renders a config Triton's schema rejects: {first_line(exc)}") from None
+        raise PackagerError(f"template {template} renders a config Triton's schema rejects: {first_line(exc)}") \
+            from None
     return text
 
 
@@ -211,7 +217,8 @@ def _python_model(name: str, inputs: _Inputs) -> RenderedModel:
     context = _model_context(name, inputs, "KIND_CPU", ragged=True)
     context.update(_session_options(inputs.serving, accelerate=False))
     padding = {
-        "sequence_axes": {t.name: t.axis(SEQUENCE) for t in inputs.spec.inputs + inputs.spec.outputs if SEQUENCE in t.dims},
+        "sequence_axes": {t.name: t.axis(SEQUENCE) for t in inputs.spec.inputs + inputs.spec.outputs
+                          if SEQUENCE in t.dims},
         "pad_values": _pad_values(inputs.artifacts.tokenizer, inputs.spec),
     }
     files = {
@@ -227,6 +234,8 @@ def _tensorrt_model(name: str, inputs: _Inputs) -> RenderedModel:
     _check_profiles(plan, inputs.spec)
     context = _model_context(name, inputs, "KIND_GPU", ragged=False)
     context["max_batch_size"] = plan.max_batch_size
+    sizes = [size for size in context["batching"]["preferred_batch_sizes"] if size <= plan.max_batch_size]
+    context["batching"]["preferred_batch_sizes"] = sizes or [plan.max_batch_size]
     context["instance"]["profiles"] = [str(index) for index in range(len(plan.profiles))]
     context["warmup"] = _warmup(inputs.spec, _plan_shapes(plan))
     return RenderedModel(name, "tensorrt.pbtxt.j2", context, {"model.plan": plan.path})
@@ -248,12 +257,14 @@ def _tokenizer_model(name: str, inputs: _Inputs) -> RenderedModel:
         },
     }
     files: dict[str, Path | bytes] = {"model.py": PYTHON_MODELS / "tokenizer_model.py"}
-    files.update({f"{TOKENIZER_FOLDER}/{path}": data for path, data in _tokenizer_files(inputs.artifacts.tokenizer).items()})
+    for path, data in _tokenizer_files(inputs.artifacts.tokenizer).items():
+        files[f"{TOKENIZER_FOLDER}/{path}"] = data
     return RenderedModel(name, "tokenizer.pbtxt.j2", context, files)
 
 
 def _ensemble(name: str, tokenizer: str, model: RenderedModel, inputs: _Inputs) -> RenderedModel:
     spec, text = inputs.spec, inputs.serving.text_input
+    tensors = {n: n for n in spec.input_names}
     context = {
         "name": name,
         "recipe": inputs.recipe.name,
@@ -261,8 +272,8 @@ def _ensemble(name: str, tokenizer: str, model: RenderedModel, inputs: _Inputs) 
         "inputs": [_text_tensor(inputs.serving)],
         "outputs": [_tensor(t) for t in spec.outputs],
         "steps": [
-            {"model": tokenizer, "input_map": {text: text}, "output_map": {n: n for n in spec.input_names}},
-            {"model": model.name, "input_map": {n: n for n in spec.input_names}, "output_map": {n: n for n in spec.output_names}},
+            {"model": tokenizer, "input_map": {text: text}, "output_map": tensors},
+            {"model": model.name, "input_map": tensors, "output_map": {n: n for n in spec.output_names}},
         ],
     }
     return RenderedModel(name, "ensemble.pbtxt.j2", context, {})
@@ -283,7 +294,10 @@ def _model_context(name: str, inputs: _Inputs, kind: str, ragged: bool) -> dict:
         "max_batch_size": recipe.profile.batch.max,
         "inputs": [_tensor(t, ragged=ragged and SEQUENCE in t.dims) for t in spec.inputs],
         "outputs": [_tensor(t) for t in spec.outputs],
-        "batching": {"preferred_batch_sizes": serving.batch_sizes(recipe.profile), "max_queue_delay_us": serving.max_queue_delay_us},
+        "batching": {
+            "preferred_batch_sizes": list(serving.batch_sizes(recipe.profile)),
+            "max_queue_delay_us": serving.max_queue_delay_us,
+        },
         "instance": {"kind": kind, "count": serving.instances, "profiles": []},
         "warmup": _warmup(spec, _profile_shapes(spec, recipe.profile)),
     }
@@ -338,13 +352,14 @@ def _profile_shapes(spec: IOSpec, profile: Profile) -> list[dict[str, Shape]]:
 
 def _plan_shapes(plan: TensorRTPlan) -> list[dict[str, Shape]]:
     """Each engine profile's min and max shapes, the batch capped at the plan's max_batch_size."""
-    shapes = []
+    samples = []
     for profile in plan.profiles:
         for end in (0, 2):
-            shape = {name: (min(ranges[end][0], plan.max_batch_size), *ranges[end][1:]) for name, ranges in profile.items()}
-            if all(shape[name][0] >= ranges[0][0] for name, ranges in profile.items()) and shape not in shapes:
-                shapes.append(shape)
-    return shapes
+            shape = {name: (min(shapes[end][0], plan.max_batch_size), *shapes[end][1:])
+                     for name, shapes in profile.items()}
+            if all(shape[name][0] >= shapes[0][0] for name, shapes in profile.items()) and shape not in samples:
+                samples.append(shape)
+    return samples
 
 
 # ---- checks and tokenizer facts -------------------------------------------------------------------------------
@@ -369,13 +384,19 @@ def _check_profiles(plan: TensorRTPlan, spec: IOSpec) -> None:
         raise PackagerError(f"TensorRT engine {plan.path} comes with no optimization profiles")
     for index, profile in enumerate(plan.profiles):
         if set(profile) != set(spec.input_names):
-            raise PackagerError(f"TensorRT profile {index} sizes {sorted(profile)}; the graph's inputs are {spec.input_names}")
+            raise PackagerError(
+                f"TensorRT profile {index} sizes {sorted(profile)}; the graph's inputs are {spec.input_names}"
+            )
         for tensor in spec.inputs:
             if any(len(shape) != len(tensor.dims) for shape in profile[tensor.name]):
-                raise PackagerError(f"TensorRT profile {index} shapes of '{tensor.name}' are not of rank {len(tensor.dims)}")
+                raise PackagerError(
+                    f"TensorRT profile {index} shapes of '{tensor.name}' are not of rank {len(tensor.dims)}"
+                )
     largest = max(ranges[2][0] for profile in plan.profiles for ranges in profile.values())
     if not 1 <= plan.max_batch_size <= largest:
-        raise PackagerError(f"TensorRT max_batch_size {plan.max_batch_size} is outside the engine's batch range 1..{largest}")
+        raise PackagerError(
+            f"TensorRT max_batch_size {plan.max_batch_size} is outside the engine's batch range 1..{largest}"
+        )
 
 
 def _pad_values(tokenizer: PreTrainedTokenizerBase, spec: IOSpec) -> dict[str, int]:

@@ -134,7 +134,7 @@ def build_manifest(
     manifest = {
         "recipe": dataclasses.asdict(recipe),
         "source": {"where": recipe.source.describe(), "weights_sha256": weights_sha256},
-        "packages": {"python": platform.python_version(), **{name: _package_version(name) for name in RECORDED_PACKAGES}},
+        "packages": {"python": platform.python_version(), **_package_versions()},
         "iospec": dataclasses.asdict(spec),
         "profile": dataclasses.asdict(recipe.profile),
         "parity": list(parity),
@@ -170,9 +170,9 @@ def _workspace(root: Path) -> Path:
         root.mkdir(parents=True, exist_ok=True)
         workspace.mkdir(exist_ok=True)
     except OSError as exc:
-        raise PackagerError(f"cannot create the repository {root} and its staging folder {workspace}: {exc.strerror}") from None
+        raise PackagerError(f"cannot create {root} and its staging folder {workspace}: {exc.strerror}") from None
     if workspace.stat().st_dev != root.stat().st_dev:
-        raise PackagerError(f"{root} is a mount point: publish stages in {root.parent}, which must be on the same filesystem")
+        raise PackagerError(f"{root} is a mount point: publish stages in {root.parent}, which must be on its filesystem")
     return workspace
 
 
@@ -206,7 +206,8 @@ def _stage(root: Path, transaction: Path, models: Sequence[Publishable], version
     names = [model.name for model in models]
     for model in models:
         staged = transaction / "stage" / model.name
-        _write_version(staged / str(version), model, {**manifest, "model": model.name, "models": names, "version": version})
+        record = {**manifest, "model": model.name, "models": names, "version": version}
+        _write_version(staged / str(version), model, record)
         (staged / CONFIG_FILE).write_text(model.config_text(version))
         target = root / model.name
         if not target.exists():  # a new model folder appears in one rename, config and version together
@@ -313,11 +314,14 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _package_version(name: str) -> str | None:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
+def _package_versions() -> dict[str, str | None]:
+    found = {}
+    for name in RECORDED_PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
 
 
 def _now() -> str:

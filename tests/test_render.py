@@ -151,6 +151,7 @@ def test_tensorrt_config_uses_the_engines_profiles_by_index(tiny):
                                                            Artifacts(tiny.onnx, tiny.tokenizer, plan))}
     config = parse(models["tiny_tensorrt_plan"].config_text(1))
     assert config.platform == "tensorrt_plan" and config.max_batch_size == 2
+    assert list(config.dynamic_batching.preferred_batch_size) == [2], "preferred sizes above the plan's max dropped"
     assert [(g.kind, list(g.profile)) for g in config.instance_group] == [
         (model_config_pb2.ModelInstanceGroup.KIND_GPU, ["0", "1"])]
     warmups = [(w.batch_size, list(w.inputs["attention_mask"].dims)) for w in config.model_warmup]
