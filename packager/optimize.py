@@ -1,38 +1,553 @@
-"""Graph optimization levels: fused attention (fp32), int8 for CPU, fp16 for GPU, each behind the parity gate."""
+"""Graph optimization levels, each behind the parity gate, and the choice of the one to ship per target device.
+
+Levels (LEVELS): `plain` (the export itself), `fused` (ONNX Runtime's transformer optimizer: Attention,
+EmbedLayerNormalization, SkipLayerNormalization, BiasGelu), `int8` (dynamic quantization of the fused graph, for
+CPU) and `fp16` (the fused graph in fp16, for GPU). The shipped level is the first that passes its gate in the
+device's known speed order (SPEED_ORDER); the benchmark (packager/bench.py) measures the real ratios.
+
+int8 needs more than `quantize_dynamic` to keep the sentence-embedding cosine at 0.99 on real text (per-tensor
+activation ranges meet BERT's outlier channels, see ../shared/notes/export-and-speed.md):
+1. smoothing: each quantized MatMul/Attention input is divided per channel by s (a Mul node) and the weight rows
+   multiplied by s, exact in fp32; s = max|x|^a / max|w|^(1-a), with x measured on CALIBRATION_TEXTS (not the
+   validation text) and a chosen per node by the simulated quantization error;
+2. if the gate still fails, the nodes whose quantization alone hurts most on the validation text stay fp32, one
+   more at a time, up to `max_fp32_nodes`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import math
+import shutil
 import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator
 
+import numpy as np
 import onnx
+from onnx import helper, numpy_helper
 
-from packager.errors import PackagerError, first_line
+from packager import iospec
+from packager.console import say, table
+from packager.errors import GateFailed, PackagerError, UsageError, first_line
+from packager.export import Exported
+from packager.recipe import Recipe, Tolerances
+from packager.source import LoadedModel
+from packager.tasks import Task
+from packager.validate import ParityReport, Validator, onnxruntime_runner, tokenize
+
+DEVICES = ("cpu", "gpu")
+# Known speed order per device, fastest first (measured on CPU: int8 ~2x fused, fused ~1.5x plain; see README).
+SPEED_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("int8", "fused", "plain"), "gpu": ("fp16", "fused", "plain")}
+DEFAULT_LEVELS: dict[str, tuple[str, ...]] = {"cpu": ("plain", "fused", "int8"), "gpu": ("plain", "fused", "fp16")}
+# Gates that differ from the recipe's [tolerances]: int8 is gated on the task metric, its max |Δ| only recorded.
+DEFAULT_TOLERANCES: dict[str, Tolerances] = {
+    "int8": Tolerances(max_abs=math.inf, min_cosine=0.99, min_argmax_agreement=0.99),
+    "fp16": Tolerances(max_abs=2e-2, min_cosine=0.9999, min_argmax_agreement=1.0),
+}
 
 # Ops kept in fp32 in an fp16 graph: normalisation, softmax and the reductions/divisions of the pooling, whose
-# sums and small denominators (clamp at 1e-9) lose too much in fp16. Casts are inserted around them.
-FP16_KEEP_FP32_OPS = (
-    "LayerNormalization", "SkipLayerNormalization", "EmbedLayerNormalization", "SimplifiedLayerNormalization",
-    "Softmax", "ReduceMean", "ReduceSum", "ReduceL2", "Pow", "Sqrt", "Div", "Clip",
+# sums and small denominators (clamp at 1e-9) lose too much in fp16. The fused LayerNorm/Attention contrib ops
+# accumulate in fp32 internally and stay fp16.
+FP16_KEEP_FP32_OPS = ("LayerNormalization", "Softmax", "ReduceMean", "ReduceSum", "ReduceL2", "Pow", "Sqrt", "Div", "Clip")
+FUSED_ATTENTION_OPS = ("Attention", "MultiHeadAttention")
+# Hugging Face model_type -> ONNX Runtime optimizer model_type; others are tried as "bert" and warned about.
+OPTIMIZER_MODEL_TYPES = {"bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "distilbert": "bert", "electra": "bert"}
+INT8_OPS = ("MatMul", "Attention")
+# Smoothing statistics come from these texts, never from validate.VALIDATION_TEXTS (which is the gate's data).
+CALIBRATION_TEXTS = (
+    "The weather is lovely today and we are going for a walk in the park.",
+    "Machine learning models are deployed behind an inference server.",
+    "She sold her old car and bought a bicycle instead.",
+    "How many people live in the largest city of the country?",
+    "Please send me the report before the meeting on Monday.",
+    "Les enfants jouent dans le jardin.",
+    "Der Zug fährt um acht Uhr ab.",
+    "Thanks!",
+    "ok",
+    "",
 )
+# How much quantizing one node moves the metric output (a ParityReport.summary() entry), per task metric.
+SENSITIVITY: dict[str, Callable[[dict], float]] = {
+    "cosine": lambda output: 1 - output["metric_value"],
+    "argmax": lambda output: output["max_rel"],  # agreement is too coarse to rank nodes
+}
+SMOOTHING_ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
-def fp16_graph(src: Path, dst: Path) -> Path:
-    """Write an fp16 copy of `src` to `dst`: fp16 weights and compute, inputs and outputs in their original types,
-    FP16_KEEP_FP32_OPS in fp32."""
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
-    from onnxruntime.transformers.onnx_model import OnnxModel
+# ---------------------------------------------------------------- configuration (the recipe's [optimize] section)
 
-    model = onnx.load(str(src))
+@dataclass(frozen=True)
+class Int8Settings:
+    per_channel: bool = True  # per-output-channel weight scales (worst cosine 0.95 vs 0.85 per-tensor on MiniLM)
+    smooth: bool = True
+    max_fp32_nodes: int = 4  # most MatMul/Attention nodes the search may keep in fp32
+
+
+@dataclass(frozen=True)
+class OptimizeConfig:
+    levels: dict[str, tuple[str, ...]]  # device -> levels to try
+    tolerances: dict[str, Tolerances]  # level -> gate
+    int8: Int8Settings = Int8Settings()
+    expect_fused_attention: bool = True
+
+    def with_levels(self, device: str, levels: tuple[str, ...]) -> "OptimizeConfig":
+        _check_levels(device, levels, "levels")
+        return dataclasses.replace(self, levels={**self.levels, device: tuple(levels)})
+
+    def with_tolerance(self, level: str, **values: float) -> "OptimizeConfig":
+        return dataclasses.replace(self, tolerances={**self.tolerances, level: dataclasses.replace(self.tolerances[level], **values)})
+
+    def with_int8(self, **values) -> "OptimizeConfig":
+        return dataclasses.replace(self, int8=dataclasses.replace(self.int8, **values))
+
+
+def parse_config(recipe: Recipe) -> OptimizeConfig:
+    """The recipe's [optimize] section with defaults; UsageError naming any bad key or level."""
+    where = f"recipe {recipe.name} [optimize]"
+    section = dict(recipe.section("optimize"))
+    tolerance_keys = {f.name for f in dataclasses.fields(Tolerances)}
+    level_tables = {name: section.pop(name) for name in LEVELS if isinstance(section.get(name), dict)}
+    levels = {device: tuple(section.pop(device, DEFAULT_LEVELS[device])) for device in DEVICES}
+    for device, names in levels.items():
+        _check_levels(device, names, f"{where} {device}")
+    expect = section.pop("expect_fused_attention", True)
+    if section:
+        raise UsageError(f"{where}: unknown keys {sorted(section)}; known: {', '.join(DEVICES + tuple(LEVELS))}, expect_fused_attention")
+    tolerances, int8 = {}, Int8Settings()
+    for name in LEVELS:
+        values = dict(level_tables.get(name, {}))
+        base = DEFAULT_TOLERANCES.get(name, recipe.tolerances)
+        tolerances[name] = dataclasses.replace(base, **{k: float(values.pop(k)) for k in tolerance_keys & set(values)})
+        if name == "int8":
+            int8 = _int8_settings(values, where)
+        elif values:
+            raise UsageError(f"{where}.{name}: unknown keys {sorted(values)}; known: {', '.join(sorted(tolerance_keys))}")
+    return OptimizeConfig(levels, tolerances, int8, bool(expect))
+
+
+def _int8_settings(values: dict, where: str) -> Int8Settings:
+    known = {f.name: f.type for f in dataclasses.fields(Int8Settings)}
+    unknown = set(values) - set(known)
+    if unknown:
+        raise UsageError(f"{where}.int8: unknown keys {sorted(unknown)}; known: max_abs, min_cosine, min_argmax_agreement, {', '.join(known)}")
+    return Int8Settings(**values)
+
+
+def _check_levels(device: str, names: tuple[str, ...], where: str) -> None:
+    if device not in DEVICES:
+        raise UsageError(f"unknown device '{device}': known devices are {', '.join(DEVICES)}")
+    for name in names:
+        if name not in LEVELS:
+            raise UsageError(f"{where}: unknown level '{name}'; known levels are {', '.join(LEVELS)}")
+        if device not in LEVELS[name].devices:
+            raise UsageError(f"{where}: level '{name}' is for {', '.join(LEVELS[name].devices)}, not {device}")
+
+
+def parse_levels_option(text: str) -> tuple[str, ...]:
+    """A --levels value: comma-separated level names."""
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not names:
+        raise UsageError("--levels needs at least one level, e.g. --levels plain,fused,int8")
+    return names
+
+
+# ---------------------------------------------------------------- results
+
+@dataclass(frozen=True)
+class Built:
+    path: Path
+    fusions: dict[str, int] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class LevelResult:
+    name: str
+    path: Path | None  # None only when the build itself failed (reason says why)
+    parity: ParityReport | None
+    fusions: dict[str, int]
+    passed: bool
+    reason: str  # why it failed; empty when passed
+    shipped: bool = False
+    notes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {
+            "level": self.name, "passed": self.passed, "shipped": self.shipped, "reason": self.reason,
+            "fusions": self.fusions, "notes": list(self.notes),
+            "parity": self.parity.summary() if self.parity else None,
+        }
+
+
+@dataclass(frozen=True)
+class OptimizeResult:
+    device: str
+    levels: tuple[LevelResult, ...]
+    chosen: LevelResult
+    why: str
+
+    def level(self, name: str) -> LevelResult:
+        return next(result for result in self.levels if result.name == name)
+
+    def to_dict(self) -> dict:
+        """The manifest's record: device, shipped level and why, and every level's fusions and parity."""
+        return {"device": self.device, "shipped": self.chosen.name, "why": self.why,
+                "levels": [result.to_dict() for result in self.levels]}
+
+    def table(self) -> str:
+        """Every level side by side: gate, worst differences per output, the task metric, fusions."""
+        outputs = self._output_names()
+        rows = []
+        for result in self.levels:
+            summary = result.parity.summary()["outputs"] if result.parity else {}
+            metric = next((s for s in summary.values() if s["metric_value"] is not None), None)
+            rows.append([
+                result.name, "yes" if result.passed else "no", "<-" if result.shipped else "",
+                *(summary[name]["max_abs"] if name in summary else None for name in outputs),
+                metric["metric_value"] if metric else None,
+                ", ".join(f"{op} {count}" for op, count in result.fusions.items() if count),
+                result.reason,
+            ])
+        headers = ["level", "passed", "shipped", *(f"max|Δ| {name}" for name in outputs), "metric (worst)", "fusions", "reason"]
+        return table(headers, rows, title=f"optimization levels for {self.device}")
+
+    def _output_names(self) -> list[str]:
+        reports = [result.parity for result in self.levels if result.parity]
+        return list(dict.fromkeys(row.output for report in reports for row in report.rows))
+
+
+# ---------------------------------------------------------------- the stage
+
+@dataclass
+class BuildContext:
+    loaded: LoadedModel
+    task: Task
+    exported: Exported
+    validator: Validator
+    config: OptimizeConfig
+    work_dir: Path
+    built: dict[str, Built] = field(default_factory=dict)
+
+    def output(self, level: str) -> Path:
+        return self.work_dir / f"model.{level}.onnx"
+
+
+@dataclass(frozen=True)
+class Level:
+    name: str
+    base: str | None  # the level whose graph this one transforms (built first)
+    devices: tuple[str, ...]
+    build: Callable[[BuildContext], Built]
+
+
+def optimize(
+    loaded: LoadedModel, task: Task, exported: Exported, validator: Validator, config: OptimizeConfig,
+    device: str, work_dir: Path,
+) -> OptimizeResult:
+    """Build and gate the device's levels; choose the fastest that passed. GateFailed when none did."""
+    _check_levels(device, config.levels[device], "levels")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    context = BuildContext(loaded, task, exported, validator, config, work_dir)
+    results = [_build_and_gate(context, name) for name in _with_bases(config.levels[device])]
+    passing = [result for result in results if result.passed]
+    if not passing:
+        raise GateFailed("no optimization level passed its gate: " + "; ".join(f"{r.name}: {r.reason}" for r in results))
+    chosen = min(passing, key=lambda result: SPEED_ORDER[device].index(result.name))
+    failed_faster = [r for r in results if not r.passed and SPEED_ORDER[device].index(r.name) < SPEED_ORDER[device].index(chosen.name)]
+    why = f"fastest level that passed its gate for {device} (known order {' > '.join(SPEED_ORDER[device])})"
+    if failed_faster:
+        why += "; " + "; ".join(f"{r.name} failed: {r.reason}" for r in failed_faster)
+    results = [dataclasses.replace(r, shipped=r is chosen) for r in results]
+    return OptimizeResult(device, tuple(results), next(r for r in results if r.shipped), why)
+
+
+def ship(result: OptimizeResult, destination: Path) -> Path:
+    """Copy the chosen graph to `destination` (e.g. the build folder's model.onnx)."""
+    if result.chosen.path != destination:
+        shutil.copyfile(result.chosen.path, destination)
+    return destination
+
+
+def _with_bases(names: tuple[str, ...]) -> list[str]:
+    """The requested levels plus the levels they are built from, bases first."""
+    ordered: list[str] = []
+    for name in names:
+        chain = []
+        while name and name not in ordered and name not in chain:
+            chain.append(name)
+            name = LEVELS[name].base
+        ordered += reversed(chain)
+    return ordered
+
+
+def _build_and_gate(context: BuildContext, name: str) -> LevelResult:
+    level = LEVELS[name]
+    if level.base and level.base not in context.built:
+        return LevelResult(name, None, None, {}, False, f"its base level '{level.base}' could not be built")
+    try:
+        built = level.build(context)
+    except PackagerError as exc:
+        return LevelResult(name, None, None, {}, False, f"build failed: {first_line(exc)}")
+    context.built[name] = built
+    spec = iospec.from_onnx(built.path)
+    if spec != context.exported.spec:
+        return LevelResult(name, built.path, None, built.fusions, False, "its inputs/outputs differ from the export's IO spec", notes=built.notes)
+    report = context.validator.check(name, onnxruntime_runner(built.path, spec), context.config.tolerances[name])
+    reason = "" if report.passed else _worst_reason(report)
+    return LevelResult(name, built.path, report, built.fusions, report.passed, reason, notes=built.notes)
+
+
+def _worst_reason(report: ParityReport) -> str:
+    worst = report.worst()
+    return f"'{worst.output}' at {worst.shape}: {worst.reason}"
+
+
+# ---------------------------------------------------------------- plain and fused
+
+def _build_plain(context: BuildContext) -> Built:
+    return Built(context.exported.path)
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the optimizer's and quantizer's info logging and warnings (their results are reported instead)."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            half = convert_float_to_float16(
-                model, keep_io_types=True, op_block_list=sorted(set(DEFAULT_OP_BLOCK_LIST) | set(FP16_KEEP_FP32_OPS))
+            yield
+    finally:
+        logging.disable(previous)
+
+
+def _build_fused(context: BuildContext) -> Built:
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    model_config = context.loaded.model.config
+    model_type = getattr(model_config, "model_type", "")
+    try:
+        with _quiet():
+            optimized = optimize_model(
+                str(context.exported.path), model_type=OPTIMIZER_MODEL_TYPES.get(model_type, "bert"),
+                num_heads=getattr(model_config, "num_attention_heads", 0), hidden_size=getattr(model_config, "hidden_size", 0),
+                opt_level=0,
+            )
+    except Exception as exc:
+        raise PackagerError(f"ONNX Runtime's transformer optimizer failed: {first_line(exc)}") from None
+    fusions = {op: count for op, count in optimized.get_fused_operator_statistics().items() if count}
+    path = context.output("fused")
+    optimized.save_model_to_file(str(path))
+    notes = ()
+    if context.config.expect_fused_attention and not any(fusions.get(op) for op in FUSED_ATTENTION_OPS):
+        cause = attention_not_fused_cause(context.loaded)
+        say(f"    warning: attention did not fuse: {cause}")
+        notes = (f"attention did not fuse: {cause}",)
+    return Built(path, fusions, notes)
+
+
+def attention_not_fused_cause(loaded: LoadedModel) -> str:
+    """The likeliest reason the optimizer found no attention pattern, from what is known about the export."""
+    config = loaded.model.config
+    implementation = getattr(config, "_attn_implementation", "eager")
+    if implementation != "eager":
+        return (f"the model was exported with attn_implementation='{implementation}', whose graph the optimizer does "
+                "not match; load it with attn_implementation='eager'")
+    model_type = getattr(config, "model_type", "?")
+    if model_type not in OPTIMIZER_MODEL_TYPES:
+        return f"model_type '{model_type}' is not a BERT-like encoder the optimizer's 'bert' fusions know"
+    return (f"the exported attention subgraph does not match the optimizer's patterns (num_heads="
+            f"{getattr(config, 'num_attention_heads', '?')}, hidden_size={getattr(config, 'hidden_size', '?')})")
+
+
+# ---------------------------------------------------------------- fp16
+
+def fp16_graph(src: Path, dst: Path) -> Path:
+    """Write an fp16 copy of `src` to `dst`: fp16 weights and compute, inputs and outputs in their original types,
+    FP16_KEEP_FP32_OPS in fp32. Works on the plain export (for TensorRT) and on the fused graph (ORT contrib ops)."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    model = OnnxModel(onnx.load(str(src)))
+    try:
+        with _quiet():
+            model.convert_float_to_float16(
+                keep_io_types=True, op_block_list=sorted(set(DEFAULT_OP_BLOCK_LIST) | set(FP16_KEEP_FP32_OPS))
             )
     except Exception as exc:
         raise PackagerError(f"fp16 conversion of {src.name} failed: {first_line(exc)}") from None
-    sorted_model = OnnxModel(half)
-    sorted_model.topological_sort()  # the converter appends its Cast nodes at the end; parsers need graph order
-    onnx.save(sorted_model.model, str(dst))
+    model.topological_sort()  # the converter appends its Cast nodes at the end; parsers need graph order
+    onnx.save(model.model, str(dst))
     return dst
+
+
+def _build_fp16(context: BuildContext) -> Built:
+    base = context.built["fused"]
+    return Built(fp16_graph(base.path, context.output("fp16")), base.fusions)
+
+
+# ---------------------------------------------------------------- int8
+
+def _build_int8(context: BuildContext) -> Built:
+    settings = context.config.int8
+    source = context.built["fused"]
+    model = onnx.load(str(source.path))
+    notes = []
+    if settings.smooth:
+        smoothed = smooth_model(model, _capture_inputs(model, _int8_nodes(model), _calibration_inputs(context)))
+        notes.append(f"smoothed {smoothed} MatMul/Attention inputs (per-channel scales from {len(CALIBRATION_TEXTS)} calibration texts)")
+    path = context.output("int8")
+    quantize_int8(model, path, settings.per_channel)
+    tolerances = context.config.tolerances["int8"]
+    if context.validator.check("int8", onnxruntime_runner(path, context.exported.spec), tolerances).passed:
+        return Built(path, source.fusions, tuple(notes))
+    kept = _search_fp32_nodes(context, model, path, tolerances)
+    if kept:
+        notes.append(f"kept {len(kept)} most sensitive node(s) in fp32: {', '.join(kept)}")
+    else:
+        notes.append(f"failed the gate with up to {settings.max_fp32_nodes} node(s) kept in fp32")
+    return Built(path, source.fusions, tuple(notes))
+
+
+def quantize_int8(model: onnx.ModelProto, path: Path, per_channel: bool, exclude: list[str] | None = None,
+                  only: list[str] | None = None) -> Path:
+    """Dynamic int8 quantization (uint8 activations, int8 weights) of `model`'s MatMul/Attention nodes."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    try:
+        with _quiet():
+            quantize_dynamic(
+                model, path, op_types_to_quantize=list(INT8_OPS), per_channel=per_channel, weight_type=QuantType.QInt8,
+                nodes_to_exclude=exclude or [], nodes_to_quantize=only or [],
+                # the fused graph's contrib-op outputs have no inferred types; they are all float
+                extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+            )
+    except Exception as exc:
+        raise PackagerError(f"int8 quantization failed: {first_line(exc)}") from None
+    return path
+
+
+def _search_fp32_nodes(context: BuildContext, model: onnx.ModelProto, path: Path, tolerances: Tolerances) -> list[str]:
+    """Keep the most sensitive nodes in fp32, one more at a time, until the gate passes; [] when it never does.
+
+    A node's sensitivity is how far the task metric output moves (SENSITIVITY) when only that node is quantized,
+    on the validation batch at the profile's opt shape.
+    """
+    settings = context.config.int8
+    probe = _opt_shape_validator(context.validator)
+    scratch = context.work_dir / "int8-probe.onnx"
+    sensitivity = {}
+    for node in _int8_nodes(model):
+        quantize_int8(model, scratch, settings.per_channel, only=[node])
+        report = probe.check("int8-probe", onnxruntime_runner(scratch, context.exported.spec))
+        sensitivity[node] = SENSITIVITY[context.task.metric](report.summary()["outputs"][context.task.metric_output])
+    scratch.unlink(missing_ok=True)
+    order = sorted(sensitivity, key=sensitivity.get, reverse=True)
+    for count in range(1, min(settings.max_fp32_nodes, len(order)) + 1):
+        quantize_int8(model, path, settings.per_channel, exclude=order[:count])
+        if context.validator.check("int8", onnxruntime_runner(path, context.exported.spec), tolerances).passed:
+            return order[:count]
+    return []
+
+
+def _opt_shape_validator(validator: Validator) -> Validator:
+    """The validator restricted to its batch at the profile's opt shape (the middle sizes), its reference reused."""
+    batch, sequence = (_middle({getattr(b, axis) for b in validator.batches}) for axis in ("batch", "sequence"))
+    index = next(i for i, b in enumerate(validator.batches) if (b.batch, b.sequence) == (batch, sequence))
+    reference = validator.references[index]
+    return Validator(validator.task, validator.spec, [validator.batches[index]], lambda _inputs: reference, validator.tolerances)
+
+
+def _middle(values: set[int]) -> int:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
+def _int8_nodes(model: onnx.ModelProto) -> list[str]:
+    """The MatMul/Attention nodes with a constant weight: what dynamic quantization turns into int8."""
+    initializers = {init.name for init in model.graph.initializer}
+    return [node.name for node in model.graph.node if node.op_type in INT8_OPS and node.input[1] in initializers]
+
+
+def _calibration_inputs(context: BuildContext) -> dict[str, np.ndarray]:
+    """CALIBRATION_TEXTS tokenized at the profile's opt sequence length (padded, as served batches are)."""
+    sequence = _middle({batch.sequence for batch in context.validator.batches})
+    return tokenize(context.loaded.tokenizer, context.exported.spec, list(CALIBRATION_TEXTS), sequence)
+
+
+def _capture_inputs(model: onnx.ModelProto, nodes: list[str], inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run `model` on `inputs` and return each named node's activation input, flattened to (rows, channels)."""
+    import onnxruntime as ort
+
+    by_name = {node.name: node for node in model.graph.node}
+    tensors = list(dict.fromkeys(by_name[name].input[0] for name in nodes))
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in tensors)
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    values = session.run(tensors, inputs)
+    activations = {name: value.reshape(-1, value.shape[-1]) for name, value in zip(tensors, values)}
+    return {name: activations[by_name[name].input[0]] for name in nodes}
+
+
+def smooth_model(model: onnx.ModelProto, activations: dict[str, np.ndarray]) -> int:
+    """Move activation outliers into the weights of each node in `activations`, in place; returns the count.
+
+    x @ w == (x / s) @ (s[:, None] * w): a Mul by 1/s is inserted before the node and w's rows are scaled by s.
+    """
+    initializers = {init.name: init for init in model.graph.initializer}
+    nodes = []
+    for node in model.graph.node:
+        if node.name in activations:
+            weight = numpy_helper.to_array(initializers[node.input[1]])
+            scale = smoothing_scale(activations[node.name], weight)
+            initializers[node.input[1]].CopyFrom(numpy_helper.from_array((weight * scale[:, None]).astype(np.float32), node.input[1]))
+            inverse = f"{node.name}_smooth_inverse_scale"
+            model.graph.initializer.append(numpy_helper.from_array((1 / scale).astype(np.float32), inverse))
+            smoothed = f"{node.name}_smoothed_input"
+            nodes.append(helper.make_node("Mul", [node.input[0], inverse], [smoothed], name=f"{node.name}_smooth"))
+            node.input[0] = smoothed
+        nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return len(activations)
+
+
+def smoothing_scale(activation: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """Per input channel s = max|x|^a / max|w|^(1-a), with a minimising the simulated int8 error of x @ w.
+
+    Channel maxima are floored at their median so that a channel quiet in calibration cannot get a huge 1/s.
+    """
+    x_max = np.abs(activation).max(axis=0)
+    w_max = np.abs(weight).max(axis=1)
+    x_max = np.maximum(x_max, np.median(x_max))
+    w_max = np.maximum(w_max, np.median(w_max))
+    candidates = [x_max**alpha / w_max ** (1 - alpha) for alpha in SMOOTHING_ALPHAS]
+    reference = activation @ weight
+    errors = [_int8_error(activation / s, weight * s[:, None], reference) for s in candidates]
+    return candidates[int(np.argmin(errors))].astype(np.float32)
+
+
+def _int8_error(activation: np.ndarray, weight: np.ndarray, reference: np.ndarray) -> float:
+    """Relative error of x @ w with x per-tensor asymmetric uint8 and w per-column symmetric int8, as ORT does."""
+    low, high = min(float(activation.min()), 0.0), max(float(activation.max()), 0.0)
+    step = max(high - low, 1e-12) / 255
+    zero = np.round(-low / step)
+    x = (np.clip(np.round(activation / step) + zero, 0, 255) - zero) * step
+    w_step = np.maximum(np.abs(weight).max(axis=0, keepdims=True), 1e-12) / 127
+    w = np.round(weight / w_step) * w_step
+    return float(np.linalg.norm(x @ w - reference) / max(np.linalg.norm(reference), 1e-12))
+
+
+LEVELS: dict[str, Level] = {
+    "plain": Level("plain", None, DEVICES, _build_plain),
+    "fused": Level("fused", "plain", DEVICES, _build_fused),
+    "int8": Level("int8", "fused", ("cpu",), _build_int8),
+    "fp16": Level("fp16", "fused", ("gpu",), _build_fp16),
+}
