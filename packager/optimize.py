@@ -89,7 +89,7 @@ class Int8Settings:
 
 @dataclass(frozen=True)
 class OptimizeConfig:
-    levels: dict[str, tuple[str, ...]]  # device -> levels to try
+    levels: dict[str, tuple[str, ...]]  # device -> levels to gate (the levels they are built from are built too)
     tolerances: dict[str, Tolerances]  # level -> gate
     int8: Int8Settings = Int8Settings()
     expect_fused_attention: bool = True
@@ -252,7 +252,7 @@ def optimize(
     _check_levels(device, config.levels[device], "levels")
     work_dir.mkdir(parents=True, exist_ok=True)
     context = BuildContext(loaded, task, exported, validator, config, work_dir)
-    results = [_build_and_gate(context, name) for name in _with_bases(config.levels[device])]
+    results = [_build_and_gate(context, name) for name in config.levels[device]]
     passing = [result for result in results if result.passed]
     if not passing:
         raise GateFailed("no optimization level passed its gate: " + "; ".join(f"{r.name}: {r.reason}" for r in results))
@@ -272,33 +272,27 @@ def ship(result: OptimizeResult, destination: Path) -> Path:
     return destination
 
 
-def _with_bases(names: tuple[str, ...]) -> list[str]:
-    """The requested levels plus the levels they are built from, bases first."""
-    ordered: list[str] = []
-    for name in names:
-        chain = []
-        while name and name not in ordered and name not in chain:
-            chain.append(name)
-            name = LEVELS[name].base
-        ordered += reversed(chain)
-    return ordered
-
-
 def _build_and_gate(context: BuildContext, name: str) -> LevelResult:
-    level = LEVELS[name]
-    if level.base and level.base not in context.built:
-        return LevelResult(name, None, None, {}, False, f"its base level '{level.base}' could not be built")
     try:
-        built = level.build(context)
+        built = _build(context, name)
     except PackagerError as exc:
         return LevelResult(name, None, None, {}, False, f"build failed: {first_line(exc)}")
-    context.built[name] = built
     spec = iospec.from_onnx(built.path)
     if spec != context.exported.spec:
         return LevelResult(name, built.path, None, built.fusions, False, "its inputs/outputs differ from the export's IO spec", notes=built.notes)
     report = context.validator.check(name, onnxruntime_runner(built.path, spec), context.config.tolerances[name])
     reason = "" if report.passed else _worst_reason(report)
     return LevelResult(name, built.path, report, built.fusions, report.passed, reason, notes=built.notes)
+
+
+def _build(context: BuildContext, name: str) -> Built:
+    """Build `name`, and first the level it is built from (built, not gated, when it was not asked for)."""
+    if name not in context.built:
+        base = LEVELS[name].base
+        if base:
+            _build(context, base)
+        context.built[name] = LEVELS[name].build(context)
+    return context.built[name]
 
 
 def _worst_reason(report: ParityReport) -> str:

@@ -1,0 +1,195 @@
+"""The optimize stage: fused / int8 / fp16 levels on real ONNX Runtime, each gated, the fastest passing one shipped."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from packager import export, iospec, optimize, source, validate
+from packager.errors import GateFailed, UsageError
+from packager.recipe import Recipe, load_recipe
+from packager.tasks import get_task
+
+
+@dataclasses.dataclass
+class Stage:
+    """What the pipeline hands the optimize stage."""
+
+    recipe: Recipe
+    loaded: source.LoadedModel
+    exported: export.Exported
+    validator: validate.Validator
+
+    def run(self, work_dir: Path, device: str = "cpu", config: optimize.OptimizeConfig | None = None):
+        config = config or optimize.parse_config(self.recipe)
+        task = get_task(self.recipe.task)
+        return optimize.optimize(self.loaded, task, self.exported, self.validator, config, device, work_dir)
+
+
+def make_stage(recipe: Recipe, folder: Path, attn_implementation: str | None = None) -> Stage:
+    loaded = source.load(recipe)
+    if attn_implementation:
+        loaded.model.set_attn_implementation(attn_implementation)
+    task = get_task(recipe.task)
+    exported = export.export_onnx(loaded, task, folder / "model.onnx", recipe.opset)
+    batches = validate.make_batches(loaded.tokenizer, exported.spec, recipe.profile)
+    reference = validate.torch_runner(exported.wrapper, exported.spec)
+    return Stage(recipe, loaded, exported, validate.Validator(task, exported.spec, batches, reference, recipe.tolerances))
+
+
+@pytest.fixture(scope="module")
+def embeddings(tiny_recipe_embeddings, tmp_path_factory):
+    return make_stage(tiny_recipe_embeddings, tmp_path_factory.mktemp("export"))
+
+
+@pytest.fixture(scope="module")
+def cpu_result(embeddings, tmp_path_factory):
+    return embeddings.run(tmp_path_factory.mktemp("cpu"))
+
+
+def test_fused_level_reports_its_fusions_and_passes(cpu_result):
+    fused = cpu_result.level("fused")
+    assert fused.passed, fused.reason
+    assert fused.fusions["Attention"] == 2  # one per layer of the tiny model
+    assert fused.fusions["SkipLayerNormalization"] == 4
+    assert fused.fusions["EmbedLayerNormalization"] == 1
+    ops = {node.op_type for node in onnx.load(str(fused.path)).graph.node}
+    assert "Attention" in ops and "Softmax" not in ops
+
+
+def test_every_level_is_gated_and_the_fastest_passing_one_is_shipped(cpu_result):
+    assert [result.name for result in cpu_result.levels] == ["plain", "fused", "int8"]
+    for result in cpu_result.levels:
+        assert result.parity is not None and result.parity.variant == result.name
+        assert result.passed, result.reason
+    assert cpu_result.chosen.name == "int8" and cpu_result.chosen.shipped
+    assert [result.shipped for result in cpu_result.levels] == [False, False, True]
+    ops = {node.op_type for node in onnx.load(str(cpu_result.chosen.path)).graph.node}
+    assert {"MatMulInteger", "DynamicQuantizeLinear"} <= ops
+    manifest = cpu_result.to_dict()
+    assert manifest["shipped"] == "int8" and "int8 > fused > plain" in manifest["why"]
+    assert manifest["levels"][1]["fusions"]["Attention"] == 2
+    assert all(name in cpu_result.table() for name in ("plain", "fused", "int8", "token_embeddings"))
+
+
+def test_int8_is_gated_on_its_own_tolerances(embeddings, cpu_result):
+    int8 = cpu_result.level("int8")
+    config = optimize.parse_config(embeddings.recipe)
+    assert {row.output for row in int8.parity.rows} == {"token_embeddings", "sentence_embedding"}
+    # its max |Δ| is recorded even though int8 is gated on the cosine only
+    assert int8.parity.summary()["outputs"]["token_embeddings"]["max_abs"] > embeddings.recipe.tolerances.max_abs / 10
+    assert config.tolerances["int8"].min_cosine == 0.99 and config.tolerances["fused"] == embeddings.recipe.tolerances
+
+
+def test_a_level_that_fails_its_gate_is_not_shipped(embeddings, tmp_path):
+    config = optimize.parse_config(embeddings.recipe).with_tolerance("int8", min_cosine=1.5).with_int8(max_fp32_nodes=1)
+    result = embeddings.run(tmp_path, config=config)
+    int8 = result.level("int8")
+    assert not int8.passed and not int8.shipped
+    assert "cosine" in int8.reason and "< 1.5" in int8.reason
+    assert any("failed the gate with up to 1 node" in note for note in int8.notes)
+    assert result.chosen.name == "fused"
+    assert "int8 failed" in result.why
+
+
+def test_the_int8_search_keeps_sensitive_nodes_in_fp32_until_the_gate_passes(embeddings, cpu_result, tmp_path):
+    all_quantized = cpu_result.level("int8").parity.summary()["outputs"]["token_embeddings"]["max_abs"]
+    limit = 0.8 * all_quantized  # out of reach with every node in int8, reached with some in fp32
+    config = optimize.parse_config(embeddings.recipe).with_tolerance("int8", max_abs=limit).with_int8(max_fp32_nodes=8)
+    int8 = embeddings.run(tmp_path, config=config.with_levels("cpu", ("int8",))).level("int8")
+    assert int8.passed, int8.reason
+    assert int8.parity.summary()["outputs"]["token_embeddings"]["max_abs"] <= limit
+    kept = next(note for note in int8.notes if note.startswith("kept")).split(": ")[1].split(", ")
+    assert 1 <= len(kept) < 8  # 2 Attention + 6 MatMul in the tiny fused graph
+    still_int8 = [n.name for n in onnx.load(str(int8.path)).graph.node if n.op_type == "MatMulInteger"]
+    assert still_int8 and not any(name.startswith(tuple(kept)) for name in still_int8)
+
+
+def test_no_level_passing_is_a_gate_failure(embeddings, tmp_path):
+    config = optimize.parse_config(embeddings.recipe).with_levels("cpu", ("fused",)).with_tolerance("fused", max_abs=0.0)
+    with pytest.raises(GateFailed, match="no optimization level passed.*fused: 'token_embeddings'"):
+        embeddings.run(tmp_path, config=config)
+
+
+def test_gpu_target_ships_fp16_built_and_gated_on_cpu(embeddings, tmp_path):
+    result = embeddings.run(tmp_path, device="gpu")
+    assert [r.name for r in result.levels] == ["plain", "fused", "fp16"]
+    assert result.chosen.name == "fp16", result.table()
+    assert iospec.from_onnx(result.chosen.path) == embeddings.exported.spec
+
+
+def test_fp16_graph_keeps_io_types_and_sensitive_ops_in_fp32(embeddings, tmp_path):
+    half = optimize.fp16_graph(embeddings.exported.path, tmp_path / "model.fp16.onnx")
+    onnx.checker.check_model(str(half), full_check=True)
+    assert iospec.from_onnx(half) == embeddings.exported.spec  # INT64 inputs, FLOAT outputs, same dims
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(half)))
+    types = {value.name: value.type.tensor_type.elem_type for value in model.graph.value_info}
+    weights = [init for init in model.graph.initializer if init.name.endswith("weight") or "MatMul" in init.name]
+    assert weights and all(init.data_type == onnx.TensorProto.FLOAT16 for init in weights if len(init.dims) == 2)
+    kept = [node for node in model.graph.node if node.op_type in ("LayerNormalization", "Softmax", "ReduceSum")]
+    assert kept and all(types[node.output[0]] == onnx.TensorProto.FLOAT for node in kept)
+    batch = embeddings.validator.batches[-1]
+    got = validate.onnxruntime_runner(half, embeddings.exported.spec)(batch.inputs)
+    want = embeddings.validator.references[-1]
+    cosine = (got["sentence_embedding"] * want["sentence_embedding"]).sum(axis=1)
+    assert np.all(cosine > 0.999)
+
+
+def test_unfused_attention_is_a_warning_naming_the_cause(tiny_recipe_embeddings, tmp_path, capsys):
+    stage = make_stage(tiny_recipe_embeddings, tmp_path, attn_implementation="sdpa")
+    config = optimize.parse_config(tiny_recipe_embeddings).with_levels("cpu", ("fused",))
+    fused = stage.run(tmp_path / "levels", config=config).level("fused")
+    assert "Attention" not in fused.fusions
+    assert fused.passed  # still correct, only slower
+    assert "attn_implementation='sdpa'" in fused.notes[0]
+    assert "warning: attention did not fuse" in capsys.readouterr().out
+
+
+def test_classifier_int8_search_ranks_nodes_by_logits(tiny_recipe_classifier, tmp_path):
+    stage = make_stage(tiny_recipe_classifier, tmp_path)
+    config = optimize.parse_config(tiny_recipe_classifier).with_tolerance("int8", max_abs=0.0).with_int8(max_fp32_nodes=2)
+    result = stage.run(tmp_path / "levels", config=config)
+    assert not result.level("int8").passed and result.chosen.name == "fused"
+    assert result.level("int8").parity.rows[0].metric == "argmax"
+
+
+def test_recipe_section_parsing_and_overrides():
+    config = optimize.parse_config(load_recipe("bert"))
+    assert config.levels == {"cpu": ("plain", "fused", "int8"), "gpu": ("plain", "fused", "fp16")}
+    assert config.tolerances["int8"].max_abs == float("inf") and config.int8.max_fp32_nodes == 4
+    assert config.with_levels("cpu", optimize.parse_levels_option("plain, fused")).levels["cpu"] == ("plain", "fused")
+    with pytest.raises(UsageError, match="level 'int8' is for cpu, not gpu"):
+        config.with_levels("gpu", ("int8",))
+    with pytest.raises(UsageError, match="unknown level 'int4'"):
+        config.with_levels("cpu", ("int4",))
+
+
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({"cpu": ["fused", "fp16"]}, "level 'fp16' is for gpu, not cpu"),
+        ({"tpu": ["plain"]}, r"unknown keys \['tpu'\]"),
+        ({"int8": {"min_cosine": 0.9, "smoothing": True}}, r"\[optimize\].int8: unknown keys \['smoothing'\]"),
+        ({"fused": {"per_channel": True}}, r"\[optimize\].fused: unknown keys \['per_channel'\]"),
+    ],
+)
+def test_bad_recipe_sections_are_usage_errors(tiny_recipe_embeddings, section, message):
+    recipe = tiny_recipe_embeddings.replace(sections={"optimize": section})
+    with pytest.raises(UsageError, match=message):
+        optimize.parse_config(recipe)
+
+
+@pytest.mark.slow
+def test_minilm_fused_graph_has_fused_attention_and_passes_the_gate(tmp_path):
+    recipe = load_recipe("bert")
+    stage = make_stage(recipe, tmp_path)
+    config = optimize.parse_config(recipe).with_levels("cpu", ("fused",))
+    result = stage.run(tmp_path / "levels", config=config)
+    fused = result.level("fused")
+    assert fused.passed and fused.shipped, fused.reason
+    assert fused.fusions["Attention"] == 6 and fused.fusions["SkipLayerNormalization"] == 12
+    assert sum(node.op_type == "Attention" for node in onnx.load(str(fused.path)).graph.node) == 6
