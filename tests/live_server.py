@@ -42,7 +42,8 @@ def publish_recipe(recipe: Recipe, build_root: Path, repository_root: Path) -> P
     loaded = source.load(recipe)
     artifacts = render.Artifacts(packaged.model_path, loaded.tokenizer)
     models = render.render_repository(recipe, packaged.spec, render.ServingConfig.from_recipe(recipe), artifacts)
-    manifest = repository.build_manifest(recipe, packaged.spec, loaded.weights_sha256, [r.to_dict() for r in packaged.parity])
+    parity = [report.to_dict() for report in packaged.parity]
+    manifest = repository.build_manifest(recipe, packaged.spec, loaded.weights_sha256, parity)
     published = repository.publish(repository_root, models, manifest)
     return Published(recipe, tuple(published.paths), packaged.spec, Reference.for_recipe(recipe, packaged.spec, loaded))
 

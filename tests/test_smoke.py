@@ -97,7 +97,9 @@ def test_answers_of_another_model_fail_the_smoke(tmp_path, live_server, live_rep
     other = tiny_recipe(write_tiny_bert(tmp_path / "other", seed=1))
     reference = Reference.for_recipe(other, live_embeddings.spec)
     ensemble = live_embeddings.named("_python")
-    result = run_on_live_server(live_server, live_repository, live_embeddings, reference, models=[ensemble], protocols=("http",))
+    result = run_on_live_server(
+        live_server, live_repository, live_embeddings, reference, models=[ensemble], protocols=("http",)
+    )
     failed = {row.check for row in result.failures}
     assert any(check.startswith("text → PyTorch") for check in failed)
     assert "max |Δ|" in result.failures[0].detail
@@ -112,7 +114,9 @@ def test_a_spec_that_differs_from_the_served_config_fails_metadata_and_config(
     changed = IOSpec((dataclasses.replace(spec.inputs[0], dtype="INT32"), *spec.inputs[1:]), spec.outputs)
     reference = dataclasses.replace(live_embeddings.reference, spec=changed)
     model = live_embeddings.named("_onnx_python")
-    result = run_on_live_server(live_server, live_repository, live_embeddings, reference, models=[model], protocols=("grpc",))
+    result = run_on_live_server(
+        live_server, live_repository, live_embeddings, reference, models=[model], protocols=("grpc",)
+    )
     checks = checks_of(result, model, "grpc")
     name = spec.inputs[0].name
     assert not checks["metadata = IO spec"].passed

@@ -9,6 +9,7 @@ stays healthy. A model whose backend the server lacks is reported as not loadabl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import threading
@@ -17,7 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass, field
 from enum import Enum
-from functools import cached_property
 from pathlib import Path
 from types import ModuleType
 
@@ -29,16 +29,24 @@ from transformers import PreTrainedTokenizerBase
 from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from packager import validate
+from packager import source, validate
 from packager.console import table
 from packager.errors import GateFailed, PackagerError, UsageError
 from packager.iospec import IOSpec
 from packager.recipe import Profile, Recipe, Tolerances
 from packager.repository import CONFIG_FILE, MANIFEST_FILE, versions
-from packager.source import LoadedModel
 from packager.tasks import BATCH, Task, get_task
-from packager.triton.server import LoadResult, TritonServer, available_backends, load_models, required_backend, serve
+from packager.triton.server import (
+    LoadResult,
+    TritonServer,
+    available_backends,
+    load_models,
+    required_backend,
+    serve,
+)
 from packager.validate import Inputs, ValidationBatch
+
+Outputs = dict[str, np.ndarray]
 
 CONCURRENT_REQUESTS = 8  # one text each, sent from this many threads at once
 JOIN_ATTEMPTS = 3  # rounds of concurrent requests before "the batcher never joined them" is a failure
@@ -49,6 +57,7 @@ DETAIL_WIDTH = 110  # characters of a row's detail in the summary table
 MISSING_BACKEND = re.compile(r"unable to find backend library for backend '([^']+)'")
 LONG_TEXT = max(validate.VALIDATION_TEXTS, key=len)
 NON_ASCII_TEXTS = tuple(text for text in validate.VALIDATION_TEXTS if not text.isascii())
+LOAD, END_TO_END = "load", "text end to end"  # checks that are not per protocol
 
 
 class Status(Enum):
@@ -103,7 +112,7 @@ class SmokeResult:
             table(["check", "protocol", "model", "result", "detail"], checks, title="Live smoke checks"),
         ]
         if self.failures:
-            parts.append("\n".join(f"FAIL {row.check} [{row.protocol}] {row.model}: {row.detail}" for row in self.failures))
+            parts.append("\n".join(f"FAIL {r.check} [{r.protocol}] {r.model}: {r.detail}" for r in self.failures))
         if self.log_tail and self.failures:
             parts.append(f"last lines of the server log:\n{self.log_tail}")
         return "\n\n".join(parts)
@@ -123,17 +132,15 @@ class Reference:
     runner: validate.Runner
     profile: Profile
     tolerances: Tolerances
-    _answers: dict[tuple[str, ...], dict[str, np.ndarray]] = field(default_factory=dict, init=False, repr=False)
+    _answers: dict[tuple[str, ...], Outputs] = field(default_factory=dict, init=False, repr=False)
 
     @classmethod
-    def for_recipe(cls, recipe: Recipe, spec: IOSpec, loaded: LoadedModel | None = None) -> "Reference":
+    def for_recipe(cls, recipe: Recipe, spec: IOSpec, loaded: source.LoadedModel | None = None) -> "Reference":
         """The task wrapper of the recipe's model run by PyTorch; loads the model unless `loaded` is given."""
-        from packager import source
-
         loaded = loaded or source.load(recipe)
         task = get_task(recipe.task)
-        wrapper = task.wrapper(loaded.model, spec.input_names).eval()
-        return cls(task, spec, loaded.tokenizer, validate.torch_runner(wrapper, spec), recipe.profile, recipe.tolerances)
+        runner = validate.torch_runner(task.wrapper(loaded.model, spec.input_names).eval(), spec)
+        return cls(task, spec, loaded.tokenizer, runner, recipe.profile, recipe.tolerances)
 
     def tokenize(self, texts: Sequence[str]) -> ValidationBatch:
         sequence = self.profile.sequence
@@ -143,16 +150,18 @@ class Reference:
         mask = inputs.get("attention_mask", np.ones((len(texts), length), np.int64))
         return ValidationBatch(len(texts), length, tuple(texts), inputs, mask)
 
-    def answer(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+    def answer(self, texts: Sequence[str]) -> Outputs:
         key = tuple(texts)
         if key not in self._answers:
             self._answers[key] = self.runner(self.tokenize(texts).inputs)
         return self._answers[key]
 
-    def compare(self, batch: ValidationBatch, expected: dict[str, np.ndarray], served: dict[str, np.ndarray]) -> tuple[bool, str]:
+    def compare(self, batch: ValidationBatch, expected: Outputs, served: Outputs) -> tuple[bool, str]:
         """Every output within tolerance (validate.compare_output); the detail names the worst difference."""
         rows = [
-            validate.compare_output("served", self.task, self.spec, name, batch, expected[name], served[name], self.tolerances)
+            validate.compare_output(
+                "served", self.task, self.spec, name, batch, expected[name], served[name], self.tolerances
+            )
             for name in self.spec.output_names
             if name in served
         ]
@@ -220,7 +229,10 @@ class Model:
 
 
 def discover(repository: Path, names: Iterable[str] | None = None) -> tuple[dict[str, Model], list[SmokeRow]]:
-    """Every model folder (or the ones named) with its parsed config; a config that cannot be read is a FAIL row."""
+    """Every model folder (or the ones named), plus the steps of their ensembles, with its parsed config.
+
+    A selected model whose config cannot be read is a FAIL row naming the file and the parser's complaint.
+    """
     folders = sorted(path.parent for path in repository.glob(f"*/{CONFIG_FILE}"))
     wanted = list(names) if names is not None else [folder.name for folder in folders]
     models, rows = {}, []
@@ -277,8 +289,6 @@ def _missing_backend(model: Model, models: dict[str, Model], backends: frozenset
 
 # ---- loading -------------------------------------------------------------------------------------------------
 
-LOAD = "load"
-
 
 def _not_loadable(backend: str) -> str:
     return f"not loadable on this server: backend {backend} missing"
@@ -311,10 +321,7 @@ def _load(
 
 def _load_in_parallel(server: TritonServer, names: list[str]) -> list[LoadResult]:
     """One load request per model, a few at a time (each waits for its model's instances to initialize)."""
-    if not names:
-        return []
-    with ThreadPoolExecutor(max_workers=min(PARALLEL_LOADS, len(names))) as pool:
-        return list(pool.map(lambda name: load_models(server, [name], LOAD_TIMEOUT_S)[name], names))
+    return _in_threads(lambda name: load_models(server, [name], LOAD_TIMEOUT_S)[name], names, PARALLEL_LOADS)
 
 
 def _load_row(name: str, error: str | None, detail: str) -> SmokeRow:
@@ -339,7 +346,7 @@ def _ready(client: "Client", model: Model) -> bool:
 
 @dataclass(frozen=True)
 class Protocol:
-    """How tritonclient speaks one protocol: its module, the server address, and how it runs requests at once."""
+    """How tritonclient speaks one protocol: its module, the server's address for it, and how to connect."""
 
     name: str
     module: ModuleType
@@ -389,23 +396,22 @@ class Client:
             tensors.append(tensor)
         return tensors, [self.protocol.module.InferRequestedOutput(name) for name in outputs]
 
-    def infer(self, model: str, inputs: Inputs, outputs: list[str]) -> dict[str, np.ndarray]:
+    def infer(self, model: str, inputs: Inputs, outputs: list[str]) -> Outputs:
         tensors, requested = self.request(inputs, outputs)
         result = self.raw.infer(model, tensors, outputs=requested)
         return {name: result.as_numpy(name) for name in outputs}
 
 
-def _infer_at_once(protocol: Protocol, url: str, model: str, requests: list[Inputs], outputs: list[str]) -> list[dict]:
+def _infer_at_once(client: Client, model: str, requests: list[Inputs], outputs: list[str]) -> list[Outputs]:
     """Each request from its own thread and client (the HTTP client is not thread safe), released together."""
     start = threading.Barrier(len(requests))
 
-    def send(inputs: Inputs) -> dict[str, np.ndarray]:
-        with closing(Client(protocol, url)) as client:
+    def send(inputs: Inputs) -> Outputs:
+        with closing(Client(client.protocol, client.url)) as own:
             start.wait(REQUEST_TIMEOUT_S)
-            return client.infer(model, inputs, outputs)
+            return own.infer(model, inputs, outputs)
 
-    with ThreadPoolExecutor(max_workers=len(requests)) as pool:
-        return list(pool.map(send, requests))
+    return _in_threads(send, requests, len(requests))
 
 
 PROTOCOLS: dict[str, Protocol] = {
@@ -489,27 +495,32 @@ def require(result: SmokeResult) -> SmokeResult:
 def _end_to_end_row(served: list[Model]) -> SmokeRow:
     ensembles = [model.name for model in served if model.role is Role.ENSEMBLE]
     if ensembles:
-        return SmokeRow("text end to end", "-", ", ".join(ensembles), Status.PASS, "served ensemble(s)")
-    return SmokeRow("text end to end", "-", "-", Status.FAIL, "no ensemble could be served: nothing takes text end to end")
+        return SmokeRow(END_TO_END, "-", ", ".join(ensembles), Status.PASS, "served ensemble(s)")
+    return SmokeRow(END_TO_END, "-", "-", Status.FAIL, "no ensemble could be served: nothing takes text end to end")
 
 
-def _check_protocol(protocol: Protocol, server: TritonServer, served: list[Model], reference: Reference) -> list[SmokeRow]:
+def _check_protocol(
+    protocol: Protocol, server: TritonServer, served: list[Model], reference: Reference
+) -> list[SmokeRow]:
     if protocol.address(server) is None:
         return [SmokeRow("server ready", protocol.name, "-", Status.SKIP, f"no {protocol.name} address given")]
+    takes_requests = [model for model in served if model.role is not Role.TOKENIZER]
     with _connection(protocol, server) as client:
         run = _Checks(client, reference, served)
         return [
             run.attempt("server ready", "-", run.server_ready),
             *(row for model in served for row in run.describe(model)),
             *(row for model in served for row in run.answers(model)),
-            *(run.attempt("concurrent = one by one", m.name, run.concurrent, m) for m in served if m.role is not Role.TOKENIZER),
-            *run.bad_requests(),
-            *(run.attempt("healthy after bad requests", m.name, run.healthy, m) for m in served if m.role is not Role.TOKENIZER),
+            *(run.attempt("concurrent = one by one", m.name, run.concurrent, m) for m in takes_requests),
+            *(row for model in takes_requests for row in run.bad_requests(model)),
+            run.unknown_model(takes_requests),
+            *(run.attempt("healthy after bad requests", m.name, run.healthy, m) for m in takes_requests),
         ]
 
 
-def _text_cases(max_batch: int) -> dict[str, tuple[str, ...]]:
-    texts = validate.VALIDATION_TEXTS
+def _text_cases(max_batch_size: int) -> dict[str, tuple[str, ...]]:
+    """Batch 1, a full batch of mixed lengths, truncation, non-ASCII: the requests every served model answers."""
+    texts, max_batch = validate.VALIDATION_TEXTS, max(max_batch_size, 1)
     return {
         "batch 1": texts[:1],
         f"batch {max_batch}, mixed lengths": tuple(texts[i % len(texts)] for i in range(max_batch)),
@@ -546,27 +557,39 @@ class _Checks:
 
     def describe(self, model: Model) -> list[SmokeRow]:
         return [
-            self.attempt("model ready", model.name, lambda: (self.client.is_model_ready(model.name), f"version {model.version}")),
+            self.attempt("model ready", model.name, self.model_ready, model),
             self.attempt("metadata = IO spec", model.name, self.metadata, model),
             self.attempt("config = IO spec", model.name, self.config, model),
         ]
 
+    def model_ready(self, model: Model) -> tuple[bool, str]:
+        return self.client.is_model_ready(model.name), f"version {model.version}"
+
     def metadata(self, model: Model) -> tuple[bool, str]:
+        """The served metadata: wire data types, the batch dim as -1 in front."""
         served = self.client.metadata(model.name)
-        found = {kind: {t["name"]: (t["datatype"], [int(d) for d in t["shape"]]) for t in served.get(kind, [])}
-                 for kind in ("inputs", "outputs")}
-        expected = {kind: {name: (_wire_type(dtype), [-1, *dims]) for name, (dtype, dims) in tensors.items()}
-                    for kind, tensors in self._expected(model).items()}
+        found = {
+            kind: {t["name"]: (t["datatype"], [int(d) for d in t["shape"]]) for t in served.get(kind, [])}
+            for kind in ("inputs", "outputs")
+        }
+        expected = {
+            kind: {name: (_wire_type(dtype), [-1, *dims]) for name, (dtype, dims) in tensors.items()}
+            for kind, tensors in self._expected(model).items()
+        }
         return _same(expected, found)
 
     def config(self, model: Model) -> tuple[bool, str]:
+        """The config the server runs: config data types, dims without the batch, max_batch_size = profile max."""
         served = self.client.config(model.name)
-        found = {kind: {t["name"]: (t["data_type"], [int(d) for d in t.get("dims", [])]) for t in served.get(key, [])}
-                 for kind, key in (("inputs", "input"), ("outputs", "output"))}
+        found = {
+            kind: {t["name"]: (t["data_type"], [int(d) for d in t.get("dims", [])]) for t in served.get(key, [])}
+            for kind, key in (("inputs", "input"), ("outputs", "output"))
+        }
         passed, detail = _same(self._expected(model), found)
         max_batch, profile_max = int(served.get("max_batch_size", 0)), self.reference.profile.batch.max
         if max_batch != profile_max:
-            return False, f"max_batch_size {max_batch}, the profile's max batch is {profile_max}" + ("" if passed else f"; {detail}")
+            mismatch = f"max_batch_size {max_batch}, the profile's max batch is {profile_max}"
+            return False, mismatch if passed else f"{mismatch}; {detail}"
         return passed, f"{detail}; max_batch_size {max_batch}" if passed else detail
 
     def _expected(self, model: Model) -> dict[str, dict[str, tuple[str, list[int]]]]:
@@ -585,7 +608,9 @@ class _Checks:
         if model.role is Role.TOKENIZER:
             return [self.attempt("tokens = HF tokenizer", model.name, self.tokens, model, cases)]
         label = "text → PyTorch" if model.role is Role.ENSEMBLE else "tokens → PyTorch"
-        return [self.attempt(f"{label}: {case}", model.name, self.answer, model, texts) for case, texts in cases.items()]
+        return [
+            self.attempt(f"{label}: {case}", model.name, self.answer, model, texts) for case, texts in cases.items()
+        ]
 
     def answer(self, model: Model, texts: Sequence[str]) -> tuple[bool, str]:
         batch = self.reference.tokenize(texts)
@@ -615,7 +640,7 @@ class _Checks:
         joined_model = self._batching_model(model)
         for _ in range(JOIN_ATTEMPTS if joined_model else 1):
             before = self.client.batch_counts(joined_model.name) if joined_model else {}
-            together = _infer_at_once(self.client.protocol, self.client.url, model.name, requests, model.output_names)
+            together = _infer_at_once(self.client, model.name, requests, model.output_names)
             for batch, one, many in zip(batches, alone, together):
                 passed, detail = self.reference.compare(batch, one, many)
                 if not passed:
@@ -625,7 +650,7 @@ class _Checks:
             after = self.client.batch_counts(joined_model.name)
             largest = max((size for size, count in after.items() if count > before.get(size, 0)), default=0)
             if largest > 1:
-                return True, f"{len(requests)} requests, same answers; {joined_model.name} joined up to {largest} at once"
+                return True, f"{len(requests)} requests, same answers; {joined_model.name} joined up to {largest}"
         return False, f"same answers, but {joined_model.name} never joined requests in {JOIN_ATTEMPTS} rounds"
 
     def _single_batches(self, model: Model, texts: list[str]) -> list[ValidationBatch]:
@@ -633,9 +658,10 @@ class _Checks:
         if model.role is Role.ENSEMBLE or model.ragged:
             return [self.reference.tokenize([text]) for text in texts]
         joint = self.reference.tokenize(texts)
+        rows = [{name: values[i : i + 1] for name, values in joint.inputs.items()} for i in range(len(texts))]
         return [
-            ValidationBatch(1, joint.sequence, (text,), {k: v[i : i + 1] for k, v in joint.inputs.items()}, joint.mask[i : i + 1])
-            for i, text in enumerate(texts)
+            ValidationBatch(1, joint.sequence, (text,), inputs, joint.mask[i : i + 1])
+            for i, (text, inputs) in enumerate(zip(texts, rows))
         ]
 
     def _batching_model(self, model: Model) -> Model | None:
@@ -649,23 +675,27 @@ class _Checks:
 
     # -- bad requests and health
 
-    def bad_requests(self) -> list[SmokeRow]:
+    def bad_requests(self, model: Model) -> list[SmokeRow]:
+        """Each bad request made from a valid one; Triton must refuse it with its error for that mistake."""
+        valid = self._inputs(model, self.reference.tokenize(validate.VALIDATION_TEXTS[:1]))
         rows = []
-        for model in (m for m in self.served if m.role is not Role.TOKENIZER):
-            valid = self._inputs(model, self.reference.tokenize(validate.VALIDATION_TEXTS[:1]))
-            for check, (mutate, pattern) in BAD_REQUESTS.items():
-                (target, inputs), expected = mutate(model, valid), pattern(model, valid)
-                rows.append(self.attempt(f"bad request: {check}", model.name, self.refused, target, inputs, model, expected))
-        model = next((m for m in self.served if m.role is not Role.TOKENIZER), None)
-        if model is not None:
-            name = f"{model.name}_no_such_model"
-            valid = self._inputs(model, self.reference.tokenize(validate.VALIDATION_TEXTS[:1]))
-            rows.append(self.attempt("bad request: unknown model", name, self.refused, name, valid, model, r"unknown model"))
+        for check, bad in BAD_REQUESTS.items():
+            inputs, pattern = bad.make(model, valid), bad.pattern(model, valid)
+            rows.append(self.attempt(f"bad request: {check}", model.name, self.refused, model, inputs, pattern))
         return rows
 
-    def refused(self, name: str, inputs: Inputs, model: Model, expected: str) -> tuple[bool, str]:
+    def unknown_model(self, models: list[Model]) -> SmokeRow:
+        """A valid request for a model that does not exist."""
+        check = "bad request: unknown model"
+        if not models:
+            return SmokeRow(check, self.client.protocol.name, "-", Status.SKIP, "no model served")
+        unknown = dataclasses.replace(models[0], name=f"{models[0].name}_no_such_model")
+        valid = self._inputs(models[0], self.reference.tokenize(validate.VALIDATION_TEXTS[:1]))
+        return self.attempt(check, unknown.name, self.refused, unknown, valid, "unknown model")
+
+    def refused(self, model: Model, inputs: Inputs, expected: str) -> tuple[bool, str]:
         try:
-            self.client.infer(name, inputs, model.output_names)
+            self.client.infer(model.name, inputs, model.output_names)
         except InferenceServerException as error:
             message = _error_text(error)
             return re.search(expected, message) is not None, message
@@ -678,41 +708,56 @@ class _Checks:
         return passed, f"ready; answers as before ({detail})" if passed else detail
 
 
-def _wrong_datatype(model: Model, valid: Inputs) -> tuple[str, Inputs]:
+@dataclass(frozen=True)
+class BadRequest:
+    make: Callable[[Model, Inputs], Inputs]  # the bad inputs, from valid ones
+    error: str  # the pattern Triton's error must match
+
+    def pattern(self, model: Model, valid: Inputs) -> str:
+        first = re.escape(next(iter(valid)))
+        return self.error.format(model=re.escape(model.name), input=first, max_batch_size=model.max_batch_size)
+
+
+def _wrong_datatype(model: Model, valid: Inputs) -> Inputs:
     name, array = next(iter(valid.items()))
-    wrong = np.float32 if array.dtype == np.float64 else np.float64
-    return model.name, {**valid, name: np.zeros(array.shape, wrong)}
+    return {**valid, name: np.zeros(array.shape, np.float32 if array.dtype == np.float64 else np.float64)}
 
 
-def _wrong_rank(model: Model, valid: Inputs) -> tuple[str, Inputs]:
+def _wrong_rank(model: Model, valid: Inputs) -> Inputs:
     name, array = next(iter(valid.items()))
-    return model.name, {**valid, name: array[..., None]}
+    return {**valid, name: array[..., None]}
 
 
-def _missing_input(model: Model, valid: Inputs) -> tuple[str, Inputs]:
-    return model.name, dict(list(valid.items())[:-1])
+def _missing_input(model: Model, valid: Inputs) -> Inputs:
+    return dict(list(valid.items())[:-1])
 
 
-def _batch_too_big(model: Model, valid: Inputs) -> tuple[str, Inputs]:
-    return model.name, {name: np.repeat(array[:1], model.max_batch_size + 1, axis=0) for name, array in valid.items()}
+def _batch_too_big(model: Model, valid: Inputs) -> Inputs:
+    return {name: np.repeat(array[:1], model.max_batch_size + 1, axis=0) for name, array in valid.items()}
 
 
-def _named(model: Model, valid: Inputs) -> tuple[str, str]:
-    return re.escape(model.name), re.escape(next(iter(valid)))
-
-
-# Each bad request: how to make it from a valid one, and the pattern Triton's error must match.
-BAD_REQUESTS: dict[str, tuple[Callable, Callable[[Model, Inputs], str]]] = {
-    "wrong datatype": (_wrong_datatype, lambda m, v: r"input '{1}' data-type is '\w+', but model '{0}' expects".format(*_named(m, v))),
-    "wrong rank": (_wrong_rank, lambda m, v: r"unexpected shape for input '{1}' for model '{0}'".format(*_named(m, v))),
-    "missing input": (_missing_input, lambda m, v: r"expected \d+ inputs but got \d+ inputs for model '{0}'".format(*_named(m, v))),
-    "batch above max_batch_size": (
-        _batch_too_big, lambda m, v: r"batch-size must be <= {1} for '{0}'".format(re.escape(m.name), m.max_batch_size)
-    ),
-}  # fmt: skip
+# Triton's error patterns: {model} and {input} (the first input) are filled in, escaped.
+BAD_REQUESTS: dict[str, BadRequest] = {
+    "wrong datatype": BadRequest(_wrong_datatype, r"input '{input}' data-type is '\w+', but model '{model}' expects"),
+    "wrong rank": BadRequest(_wrong_rank, r"unexpected shape for input '{input}' for model '{model}'"),
+    "missing input": BadRequest(_missing_input, r"expected \d+ inputs but got \d+ inputs for model '{model}'"),
+    "batch above max_batch_size": BadRequest(_batch_too_big, r"batch-size must be <= {max_batch_size} for '{model}'"),
+}
 
 
 # ---- small helpers ---------------------------------------------------------------------------------------------
+
+
+def _in_threads(function: Callable, items: list, workers: int) -> list:
+    """`function` over `items` from up to `workers` threads, results in order. On an error or Ctrl-C nothing
+    waits for the other threads: stopping the server ends their requests."""
+    if not items:
+        return []
+    pool = ThreadPoolExecutor(max_workers=min(workers, len(items)))
+    try:
+        return list(pool.map(function, items))
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _same(expected: dict, found: dict) -> tuple[bool, str]:
@@ -722,7 +767,8 @@ def _same(expected: dict, found: dict) -> tuple[bool, str]:
         want, got = expected[kind], found.get(kind, {})
         for name in sorted(set(want) | set(got)):
             if want.get(name) != got.get(name):
-                differences.append(f"{kind[:-1]} '{name}': served {_describe(got.get(name))}, expected {_describe(want.get(name))}")
+                served, wanted = _describe(got.get(name)), _describe(want.get(name))
+                differences.append(f"{kind[:-1]} '{name}': served {served}, expected {wanted}")
     if differences:
         return False, "; ".join(differences)
     return True, ", ".join(f"{len(expected[kind])} {kind}" for kind in ("inputs", "outputs")) + " as the IO spec says"
