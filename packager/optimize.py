@@ -106,35 +106,47 @@ class OptimizeConfig:
 
 
 def parse_config(recipe: Recipe) -> OptimizeConfig:
-    """The recipe's [optimize] section with defaults; UsageError naming any bad key or level."""
+    """The recipe's [optimize] section with defaults; UsageError naming any bad key, value or level."""
     where = f"recipe {recipe.name} [optimize]"
     section = dict(recipe.section("optimize"))
-    tolerance_keys = {f.name for f in dataclasses.fields(Tolerances)}
-    level_tables = {name: section.pop(name) for name in LEVELS if isinstance(section.get(name), dict)}
-    levels = {device: tuple(section.pop(device, DEFAULT_LEVELS[device])) for device in DEVICES}
+    level_tables = {name: dict(section.pop(name)) for name in LEVELS if isinstance(section.get(name), dict)}
+    levels = {device: _level_list(section.pop(device, DEFAULT_LEVELS[device]), f"{where} {device}") for device in DEVICES}
     for device, names in levels.items():
         _check_levels(device, names, f"{where} {device}")
-    expect = section.pop("expect_fused_attention", True)
+    expect = _typed(section.pop("expect_fused_attention", True), bool, f"{where} expect_fused_attention")
     if section:
         raise UsageError(f"{where}: unknown keys {sorted(section)}; known: {', '.join(DEVICES + tuple(LEVELS))}, expect_fused_attention")
-    tolerances, int8 = {}, Int8Settings()
-    for name in LEVELS:
-        values = dict(level_tables.get(name, {}))
-        base = DEFAULT_TOLERANCES.get(name, recipe.tolerances)
-        tolerances[name] = dataclasses.replace(base, **{k: float(values.pop(k)) for k in tolerance_keys & set(values)})
-        if name == "int8":
-            int8 = _int8_settings(values, where)
-        elif values:
-            raise UsageError(f"{where}.{name}: unknown keys {sorted(values)}; known: {', '.join(sorted(tolerance_keys))}")
-    return OptimizeConfig(levels, tolerances, int8, bool(expect))
+    tolerances = {name: _level_tolerances(recipe, name, level_tables.get(name, {}), f"{where}.{name}") for name in LEVELS}
+    int8_table = level_tables.get("int8", {})
+    int8 = Int8Settings(**{key: _typed(int8_table[key], kind, f"{where}.int8 {key}")
+                           for key, kind in INT8_SETTING_TYPES.items() if key in int8_table})
+    return OptimizeConfig(levels, tolerances, int8, expect)
 
 
-def _int8_settings(values: dict, where: str) -> Int8Settings:
-    known = {f.name: f.type for f in dataclasses.fields(Int8Settings)}
-    unknown = set(values) - set(known)
+INT8_SETTING_TYPES = {"per_channel": bool, "smooth": bool, "max_fp32_nodes": int}
+
+
+def _level_tolerances(recipe: Recipe, name: str, table: dict, where: str) -> Tolerances:
+    """DEFAULT_TOLERANCES (else the recipe's [tolerances]) with the level table's tolerance keys."""
+    keys = [f.name for f in dataclasses.fields(Tolerances)]
+    allowed = keys + (list(INT8_SETTING_TYPES) if name == "int8" else [])
+    unknown = set(table) - set(allowed)
     if unknown:
-        raise UsageError(f"{where}.int8: unknown keys {sorted(unknown)}; known: max_abs, min_cosine, min_argmax_agreement, {', '.join(known)}")
-    return Int8Settings(**values)
+        raise UsageError(f"{where}: unknown keys {sorted(unknown)}; known: {', '.join(allowed)}")
+    values = {key: float(_typed(table[key], (int, float), f"{where} {key}")) for key in keys if key in table}
+    return dataclasses.replace(DEFAULT_TOLERANCES.get(name, recipe.tolerances), **values)
+
+
+def _typed(value, kind, where: str):
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise UsageError(f"{where}: expected {getattr(kind, '__name__', 'a number')}, got {value!r}")
+    return value
+
+
+def _level_list(value, where: str) -> tuple[str, ...]:
+    if not (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)):
+        raise UsageError(f"{where}: must be a list of level names, e.g. [\"plain\", \"fused\"]; got {value!r}")
+    return tuple(value)
 
 
 def _check_levels(device: str, names: tuple[str, ...], where: str) -> None:

@@ -176,6 +176,9 @@ def test_recipe_section_parsing_and_overrides():
         ({"tpu": ["plain"]}, r"unknown keys \['tpu'\]"),
         ({"int8": {"min_cosine": 0.9, "smoothing": True}}, r"\[optimize\].int8: unknown keys \['smoothing'\]"),
         ({"fused": {"per_channel": True}}, r"\[optimize\].fused: unknown keys \['per_channel'\]"),
+        ({"cpu": "int8"}, r"\[optimize\] cpu: must be a list of level names"),
+        ({"int8": {"max_fp32_nodes": "4"}}, r"int8 max_fp32_nodes: expected int, got '4'"),
+        ({"int8": {"min_cosine": "high"}}, r"int8 min_cosine: expected a number, got 'high'"),
     ],
 )
 def test_bad_recipe_sections_are_usage_errors(tiny_recipe_embeddings, section, message):
