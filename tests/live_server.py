@@ -1,4 +1,4 @@
-"""Session fixtures for live-server tests: the tiny models packaged, published to one repository, and served.
+"""Session fixtures for live-server tests: the tiny models exported, published to one repository, and served.
 
 Import the fixtures into a test module, or add `pytest_plugins = ["tests.live_server"]` to tests/conftest.py.
 The server is the real tritonserver of nvidia-pytriton (local launcher, python backend only); it starts once per
@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from packager import pipeline, render, repository, source
+from packager import export, render, repository, source
 from packager.iospec import IOSpec
 from packager.recipe import Recipe
+from packager.tasks import get_task
 from packager.triton.server import TritonServer, available_backends, serve
 from packager.triton.smoke import Reference, SmokeRow, load_servable
 
@@ -36,16 +37,15 @@ class Published:
         return name
 
 
-def publish_recipe(recipe: Recipe, build_root: Path, repository_root: Path) -> Published:
-    """Package `recipe` (export + parity gate), render its models and publish them, as `make package` does."""
-    packaged = pipeline.package(recipe, build_root)
+def publish_recipe(recipe: Recipe, build_folder: Path, repository_root: Path) -> Published:
+    """Export `recipe`, render its Triton models from the IO spec and publish them (no gates: the smoke checks)."""
     loaded = source.load(recipe)
-    artifacts = render.Artifacts(packaged.model_path, loaded.tokenizer)
-    models = render.render_repository(recipe, packaged.spec, render.ServingConfig.from_recipe(recipe), artifacts)
-    parity = [report.to_dict() for report in packaged.parity]
-    manifest = repository.build_manifest(recipe, packaged.spec, loaded.weights_sha256, parity)
+    exported = export.export_onnx(loaded, get_task(recipe.task), build_folder / "model.onnx", recipe.opset)
+    artifacts = render.Artifacts(exported.path, loaded.tokenizer)
+    models = render.render_repository(recipe, exported.spec, render.ServingConfig.from_recipe(recipe), artifacts)
+    manifest = repository.build_manifest(recipe, exported.spec, loaded.weights_sha256, parity=[])
     published = repository.publish(repository_root, models, manifest)
-    return Published(recipe, tuple(published.paths), packaged.spec, Reference.for_recipe(recipe, packaged.spec, loaded))
+    return Published(recipe, tuple(published.paths), exported.spec, Reference.for_recipe(recipe, exported.spec, loaded))
 
 
 @pytest.fixture(scope="session")
