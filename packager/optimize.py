@@ -174,6 +174,7 @@ class Built:
     path: Path
     fusions: dict[str, int] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    report: ParityReport | None = None  # the gate's report, when building already ran the gate on this graph
 
 
 @dataclass(frozen=True)
@@ -292,7 +293,7 @@ def _build_and_gate(context: BuildContext, name: str) -> LevelResult:
     spec = iospec.from_onnx(built.path)
     if spec != context.exported.spec:
         return LevelResult(name, built.path, None, built.fusions, False, "its inputs/outputs differ from the export's IO spec", notes=built.notes)
-    report = context.validator.check(name, onnxruntime_runner(built.path, spec), context.config.tolerances[name])
+    report = built.report or context.validator.check(name, onnxruntime_runner(built.path, spec), context.config.tolerances[name])
     reason = "" if report.passed else _worst_reason(report)
     return LevelResult(name, built.path, report, built.fusions, report.passed, reason, notes=built.notes)
 
@@ -406,17 +407,17 @@ def _build_int8(context: BuildContext) -> Built:
     if settings.smooth:
         smoothed = smooth_model(model, _capture_inputs(model, _int8_nodes(model), _calibration_inputs(context)))
         notes.append(f"smoothed {smoothed} MatMul/Attention inputs (per-channel scales from {len(CALIBRATION_TEXTS)} calibration texts)")
-    path = context.output("int8")
-    quantize_int8(model, path, settings.per_channel)
-    tolerances = context.config.tolerances["int8"]
-    if context.validator.check("int8", onnxruntime_runner(path, context.exported.spec), tolerances).passed:
-        return Built(path, source.fusions, tuple(notes))
-    kept = _search_fp32_nodes(context, model, path, tolerances)
-    if kept:
-        notes.append(f"kept {len(kept)} most sensitive node(s) in fp32: {', '.join(kept)}")
-    else:
-        notes.append(f"failed the gate with up to {settings.max_fp32_nodes} node(s) kept in fp32")
-    return Built(path, source.fusions, tuple(notes))
+    path = quantize_int8(model, context.output("int8"), settings.per_channel)
+    report = _gate_int8(context, path)
+    if not report.passed:
+        kept, report = _search_fp32_nodes(context, model, path, report)
+        notes.append(f"kept {len(kept)} most sensitive node(s) in fp32: {', '.join(kept)}" if report.passed
+                     else f"failed the gate with up to {len(kept)} node(s) kept in fp32")
+    return Built(path, source.fusions, tuple(notes), report)
+
+
+def _gate_int8(context: BuildContext, path: Path) -> ParityReport:
+    return context.validator.check("int8", onnxruntime_runner(path, context.exported.spec), context.config.tolerances["int8"])
 
 
 def quantize_int8(model: onnx.ModelProto, path: Path, per_channel: bool, exclude: list[str] | None = None,
@@ -437,27 +438,33 @@ def quantize_int8(model: onnx.ModelProto, path: Path, per_channel: bool, exclude
     return path
 
 
-def _search_fp32_nodes(context: BuildContext, model: onnx.ModelProto, path: Path, tolerances: Tolerances) -> list[str]:
-    """Keep the most sensitive nodes in fp32, one more at a time, until the gate passes; [] when it never does.
+def _search_fp32_nodes(
+    context: BuildContext, model: onnx.ModelProto, path: Path, report: ParityReport
+) -> tuple[list[str], ParityReport]:
+    """Keep the most sensitive nodes in fp32, one more at a time up to max_fp32_nodes, until the gate passes.
 
     A node's sensitivity is how far the task metric output moves (SENSITIVITY) when only that node is quantized,
-    on the validation batch at the profile's opt shape.
+    on the validation batch at the profile's opt shape. Returns the nodes kept and the last gate report.
     """
     settings = context.config.int8
+    if not settings.max_fp32_nodes:
+        return [], report
     probe = _opt_shape_validator(context.validator)
     scratch = context.work_dir / "int8-probe.onnx"
     sensitivity = {}
     for node in _int8_nodes(model):
         quantize_int8(model, scratch, settings.per_channel, only=[node])
-        report = probe.check("int8-probe", onnxruntime_runner(scratch, context.exported.spec))
-        sensitivity[node] = SENSITIVITY[context.task.metric](report.summary()["outputs"][context.task.metric_output])
+        moved = probe.check("int8-probe", onnxruntime_runner(scratch, context.exported.spec)).summary()["outputs"]
+        sensitivity[node] = SENSITIVITY[context.task.metric](moved[context.task.metric_output])
     scratch.unlink(missing_ok=True)
     order = sorted(sensitivity, key=sensitivity.get, reverse=True)
-    for count in range(1, min(settings.max_fp32_nodes, len(order)) + 1):
-        quantize_int8(model, path, settings.per_channel, exclude=order[:count])
-        if context.validator.check("int8", onnxruntime_runner(path, context.exported.spec), tolerances).passed:
-            return order[:count]
-    return []
+    kept: list[str] = []
+    for node in order[: settings.max_fp32_nodes]:
+        kept.append(node)
+        report = _gate_int8(context, quantize_int8(model, path, settings.per_channel, exclude=kept))
+        if report.passed:
+            break
+    return kept, report
 
 
 def _opt_shape_validator(validator: Validator) -> Validator:

@@ -87,12 +87,12 @@ def test_int8_is_gated_on_its_own_tolerances(embeddings, cpu_result):
 
 
 def test_a_level_that_fails_its_gate_is_not_shipped(embeddings, tmp_path):
-    config = optimize.parse_config(embeddings.recipe).with_tolerance("int8", min_cosine=1.5).with_int8(max_fp32_nodes=1)
+    config = optimize.parse_config(embeddings.recipe).with_tolerance("int8", min_cosine=1.5).with_int8(max_fp32_nodes=0)
     result = embeddings.run(tmp_path, config=config)
     int8 = result.level("int8")
     assert not int8.passed and not int8.shipped
     assert "cosine" in int8.reason and "< 1.5" in int8.reason
-    assert any("failed the gate with up to 1 node" in note for note in int8.notes)
+    assert any("failed the gate with up to 0 node" in note for note in int8.notes)
     assert result.chosen.name == "fused"
     assert "int8 failed" in result.why
 
