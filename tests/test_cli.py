@@ -29,14 +29,37 @@ def assert_one_line_error(err, *fragments):
         assert fragment in lines[0]
 
 
-def test_package_prints_tables_and_writes_artifacts(capsys, tmp_path, tiny_bert_dir):
+def package_args(tmp_path, *extra):
+    """Fast package options: no live smoke (tests/test_smoke.py has it), a repository under tmp_path."""
+    return ["--build-dir", str(tmp_path / "build"), "--repository", str(tmp_path / "repo"), "--no-smoke", *extra]
+
+
+def test_package_prints_tables_builds_and_publishes(capsys, tmp_path, tiny_bert_dir):
     recipe = write_recipe(tmp_path / "tiny.toml", tiny_bert_dir)
-    code, out, _ = run_cli(capsys, "package", str(recipe), "--build-dir", str(tmp_path / "build"))
+    code, out, _ = run_cli(capsys, "package", str(recipe), *package_args(tmp_path))
     assert code == 0
     assert "IO spec" in out and "sentence_embedding" in out and "[batch, sequence]" in out
     assert "Parity against PyTorch" in out and "pass" in out
-    assert sorted(p.name for p in (tmp_path / "build").iterdir()) == ["tiny"]  # no staging leftovers
-    assert {p.name for p in (tmp_path / "build" / "tiny").iterdir()} == {"model.onnx", "iospec.json", "parity.json"}
+    assert "optimization levels for cpu" in out
+    assert sorted(p.name for p in (tmp_path / "build").iterdir() if not p.name.startswith(".cache")) == ["tiny"]
+    build = {p.name for p in (tmp_path / "build" / "tiny").iterdir()}
+    assert {"model.onnx", "model.shipped.onnx", "iospec.json", "parity.json", "build.json"} <= build
+    assert "published version 1 of tiny_tokenizer" in out
+    assert (tmp_path / "repo" / "tiny_onnx" / "1" / "model.onnx").exists()
+
+
+def test_publish_adds_a_version_and_refuses_to_overwrite(capsys, tmp_path, tiny_bert_dir):
+    recipe = write_recipe(tmp_path / "tiny.toml", tiny_bert_dir)
+    assert run_cli(capsys, "package", str(recipe), *package_args(tmp_path, "--levels", "plain"))[0] == 0
+    publish = ["publish", str(recipe), "--build-dir", str(tmp_path / "build"), "--repository", str(tmp_path / "repo"),
+               "--no-smoke"]
+    code, out, _ = run_cli(capsys, *publish)
+    assert code == 0 and "published version 2" in out
+    code, _, err = run_cli(capsys, *publish, "--version", "1")
+    assert code != 0
+    assert_one_line_error(err, "version 1")
+    code, out, _ = run_cli(capsys, *publish, "--version", "1", "--force")
+    assert code == 0 and "published version 1" in out
 
 
 def test_unknown_model_is_exit_2_with_the_known_recipes(capsys):
@@ -48,10 +71,11 @@ def test_unknown_model_is_exit_2_with_the_known_recipes(capsys):
 def test_failed_gate_exits_non_zero_and_leaves_nothing(capsys, tmp_path, tiny_bert_dir):
     recipe = write_recipe(tmp_path / "strict.toml", tiny_bert_dir, min_cosine=1.5)
     build = tmp_path / "build"
-    code, _, err = run_cli(capsys, "package", str(recipe), "--build-dir", str(build))
+    code, _, err = run_cli(capsys, "package", str(recipe), *package_args(tmp_path))
     assert code == 3
     assert_one_line_error(err, "parity gate failed for onnx", "sentence_embedding", "cosine")
     assert list(build.iterdir()) == []
+    assert not (tmp_path / "repo").exists()
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -67,7 +91,7 @@ def test_bad_model_folder_is_one_line_error(capsys, tmp_path, tiny_bert_dir, dam
     else:
         (folder / "model.safetensors").write_bytes(b"this is not a safetensors file")
     build = tmp_path / "build"
-    code, _, err = run_cli(capsys, "package", str(folder), "--build-dir", str(build))
+    code, _, err = run_cli(capsys, "package", str(folder), *package_args(tmp_path))
     assert code == 1
     assert_one_line_error(err, message, str(folder))
     assert not build.exists() or list(build.iterdir()) == []
@@ -76,7 +100,7 @@ def test_bad_model_folder_is_one_line_error(capsys, tmp_path, tiny_bert_dir, dam
 def test_unwritable_build_folder_is_one_line_error(capsys, tmp_path, tiny_bert_dir):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    code, _, err = run_cli(capsys, "package", str(tiny_bert_dir), "--build-dir", str(blocker / "build"))
+    code, _, err = run_cli(capsys, "package", str(tiny_bert_dir), "--build-dir", str(blocker / "build"), "--no-smoke")
     assert code == 1
     assert_one_line_error(err, "cannot write to the build folder")
 
@@ -89,5 +113,6 @@ def test_module_entry_point_lists_recipes():
 def test_help_explains_package_options():
     result = subprocess.run([sys.executable, "-m", "packager", "package", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
-    for option in ("--task", "--opset", "--batch", "--sequence", "--build-dir"):
+    for option in ("--task", "--opset", "--batch", "--sequence", "--build-dir", "--levels", "--precision",
+                   "--repository", "--version", "--force", "--launcher"):
         assert option in result.stdout
