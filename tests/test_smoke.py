@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("pytriton", reason="the local launcher needs nvidia-pytriton")
 
 from packager.errors import GateFailed, UsageError
-from packager.iospec import IOSpec, TensorSpec
+from packager.iospec import IOSpec
 from packager.triton.smoke import Reference, Status, discover, published_models, require, smoke
 from tests.live_server import live_classifier, live_embeddings, live_loaded, live_repository, live_server  # noqa: F401
 from tests.tiny_model import tiny_recipe, write_tiny_bert
