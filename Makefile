@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUN := HF_HUB_OFFLINE=1 $(PY) -m packager
 
-.PHONY: venv package list test clean
+.PHONY: venv package publish smoke list test clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ venv: $(STAMP)
 
 package: $(STAMP)
 	$(RUN) package $(MODEL) $(if $(TASK),--task $(TASK)) $(ARGS)
+
+publish: $(STAMP)
+	$(RUN) publish $(MODEL) $(ARGS)
+
+smoke: $(STAMP)
+	$(RUN) smoke $(MODEL) $(ARGS)
 
 list: $(STAMP)
 	$(RUN) list

@@ -76,7 +76,8 @@ def cmd_smoke(args: argparse.Namespace) -> int:
                                     tolerances=pipeline.shipped_tolerances(Path(args.repository), names[0]))
     result = smoke.smoke(args.repository, reference, args.launcher, models=names, **_launcher_options(args))
     say(result.summary())
-    return 0 if result.passed else 1
+    smoke.require(result)
+    return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
