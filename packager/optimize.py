@@ -243,6 +243,7 @@ class BuildContext:
     validator: Validator
     config: OptimizeConfig
     work_dir: Path
+    exported_report: ParityReport | None = None  # the export's own gate, reused by the plain level
     built: dict[str, Built] = field(default_factory=dict)
 
     def output(self, level: str) -> Path:
@@ -259,12 +260,15 @@ class Level:
 
 def optimize(
     loaded: LoadedModel, task: Task, exported: Exported, validator: Validator, config: OptimizeConfig,
-    device: str, work_dir: Path,
+    device: str, work_dir: Path, exported_report: ParityReport | None = None,
 ) -> OptimizeResult:
-    """Build and gate the device's levels; choose the fastest that passed. GateFailed when none did."""
+    """Build and gate the device's levels; choose the fastest that passed. GateFailed when none did.
+
+    `exported_report` is the export's gate, when it ran already: the plain level reuses it.
+    """
     _check_levels(device, config.levels[device], "levels")
     work_dir.mkdir(parents=True, exist_ok=True)
-    context = BuildContext(loaded, task, exported, validator, config, work_dir)
+    context = BuildContext(loaded, task, exported, validator, config, work_dir, exported_report)
     results = [_build_and_gate(context, name) for name in config.levels[device]]
     passing = [result for result in results if result.passed]
     if not passing:
@@ -316,7 +320,7 @@ def _worst_reason(report: ParityReport) -> str:
 # ---------------------------------------------------------------- plain and fused
 
 def _build_plain(context: BuildContext) -> Built:
-    return Built(context.exported.path)
+    return Built(context.exported.path, report=context.exported_report)
 
 
 @contextmanager

@@ -119,13 +119,14 @@ def build(recipe: Recipe, options: BuildOptions) -> Build:
             exported_report = validate.require(
                 validator.check("onnx", validate.onnxruntime_runner(exported.path, exported.spec)))
         with step(f"optimize for {device} (levels {', '.join(optimize_config.levels[device])})"):
-            optimized = optimize.optimize(loaded, task, exported, validator, optimize_config, device, staging / "levels")
+            optimized = optimize.optimize(loaded, task, exported, validator, optimize_config, device,
+                                          staging / "levels", exported_report)
             optimize.ship(optimized, staging / SHIPPED_FILE)
             say(f"    shipping '{optimized.chosen.name}': {optimized.why}")
-        reports = [exported_report] + [level.parity for level in optimized.levels if level.parity]
+        reports = [exported_report] + [level.parity for level in optimized.levels
+                                       if level.parity and level.parity is not exported_report]
         with step(f"TensorRT engine ({trt_settings.precision}, {len(trt_settings.profiles)} profiles)"):
-            engine, engine_record, engine_report = _engine(exported, trt_settings, optimized, validator, recipe,
-                                                           staging, options)
+            engine, engine_record, engine_report = _engine(exported, trt_settings, validator, recipe, staging, options)
             if engine_report:
                 reports.append(engine_report)
         record = {
@@ -151,11 +152,14 @@ def build(recipe: Recipe, options: BuildOptions) -> Build:
     return Build(recipe, folder, exported.spec, record)
 
 
-def _engine(exported, settings, optimized, validator, recipe, staging, options):
-    """Build the TensorRT engine; gate a deployable one with the TensorRT runtime. Returns (result, record, report)."""
-    fp16 = next((level.path for level in optimized.levels if level.name == "fp16" and level.path), None)
+def _engine(exported, settings, validator, recipe, staging, options):
+    """Build the TensorRT engine; gate a deployable one with the TensorRT runtime. Returns (result, record, report).
+
+    TensorRT parses the plain export (made fp16 by tensorrt.py when asked): the fused levels hold ONNX Runtime
+    contrib ops (EmbedLayerNormalization, Attention) that TensorRT's parser does not know.
+    """
     engine = tensorrt.build_engine(exported.path, exported.spec, settings, staging / "tensorrt",
-                                   cache_dir=options.build_root / ".cache", backend=options.trt_backend, fp16_onnx=fp16)
+                                   cache_dir=options.build_root / ".cache", backend=options.trt_backend)
     say(f"    {engine.message}")
     record = {"status": engine.status, "message": engine.message,
               "facts": engine.facts.to_dict() if engine.facts else None}
