@@ -11,6 +11,9 @@ first, configs last in the order given (the ensembles, which pin the version, af
 folder appears in one rename, so a server polling the repository never sees it half-written. A publish that
 fails, or is killed (SIGKILL) half-way, is rolled back: at once on an exception, else by the next publish (or
 `recover`), which undoes the journal's renames in reverse and leaves the repository exactly as it was.
+
+Serving never changes a published version folder: the python backend's modules (model.py) are byte-compiled when
+staged, into the __pycache__ file their import looks for, and listed in the manifest with every other file.
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import hashlib
+import importlib.util
 import json
 import os
 import platform
+import py_compile
 import re
 import shutil
 import tempfile
@@ -33,7 +38,7 @@ from pathlib import Path
 from typing import Protocol
 
 from packager.console import say
-from packager.errors import PackagerError, UsageError
+from packager.errors import PackagerError, UsageError, first_line
 from packager.iospec import IOSpec
 from packager.recipe import Recipe
 
@@ -227,20 +232,43 @@ def _stage(root: Path, transaction: Path, models: Sequence[Publishable], version
 
 def _write_version(folder: Path, model: Publishable, manifest: Mapping) -> None:
     folder.mkdir(parents=True)
-    digests = {}
     for relative, source in model.files.items():
-        path = folder / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(source, bytes):
-            path.write_bytes(source)
-        else:
-            try:
-                shutil.copyfile(source, path)
-            except OSError as exc:
-                raise PackagerError(f"cannot copy {source} into {model.name}: {exc.strerror}") from None
-        digests[relative] = _sha256(path)
+        _write_file(folder / relative, source, model.name)
+    compiled = [_byte_compile(folder, relative, model.name) for relative in model.files if _backend_module(relative)]
+    digests = {relative: _sha256(folder / relative) for relative in [*model.files, *compiled]}
     record = {**manifest, "published": _now(), "files": digests}
     (folder / MANIFEST_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
+
+
+def _write_file(path: Path, source: Path | bytes, model_name: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(source, bytes):
+        path.write_bytes(source)
+        return
+    try:
+        shutil.copyfile(source, path)
+    except OSError as exc:
+        raise PackagerError(f"cannot copy {source} into {model_name}: {exc.strerror}") from None
+
+
+def _backend_module(relative: str) -> bool:
+    """A module Triton's python backend imports: model.py, or another .py file at the top of the version folder."""
+    return "/" not in relative and relative.endswith(".py")
+
+
+def _byte_compile(folder: Path, relative: str, model_name: str) -> str:
+    """Compile a module to the .pyc its import looks for, checked against the source's hash (not its mtime, which
+    copies change): the server uses it instead of writing __pycache__ into the published version folder."""
+    source = folder / relative
+    compiled = Path(importlib.util.cache_from_source(str(source), optimization=""))
+    try:
+        py_compile.compile(
+            str(source), cfile=str(compiled), dfile=relative, doraise=True, optimize=0,
+            invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH,
+        )  # fmt: skip
+    except py_compile.PyCompileError as exc:
+        raise PackagerError(f"{relative} of {model_name} does not compile: {first_line(exc.exc_value)}") from None
+    return str(compiled.relative_to(folder))
 
 
 def _write_journal(transaction: Path, moves: list[Move]) -> None:

@@ -1,4 +1,5 @@
-"""Publishing to a model repository: layout, manifests, versions, names, roll-back, SIGKILL recovery, and the lock.
+"""Publishing to a model repository: layout, manifests, versions, names, roll-back, SIGKILL recovery, the lock, and
+published version folders that a real tritonserver serves without changing a byte.
 
 The kill and lock tests run real publisher processes (tests/publisher.py is written here, see PUBLISHER) that
 stop at a point the test chooses; the test then kills them with SIGKILL or releases the lock.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import importlib.util
 import json
 import os
 import signal
@@ -15,9 +17,12 @@ import subprocess
 import sys
 import textwrap
 import time
+from contextlib import closing
 from pathlib import Path
 
+import numpy as np
 import pytest
+import tritonclient.http as httpclient
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
@@ -25,6 +30,7 @@ from packager import export, render, repository, source
 from packager.errors import PackagerError, UsageError
 from packager.render import Artifacts, ServingConfig
 from packager.tasks import get_task
+from packager.triton.server import load_models, serve
 
 PYTHON_ONLY = ServingConfig(targets=("python",))
 BOTH = ServingConfig(targets=("python", "onnxruntime"))
@@ -192,6 +198,63 @@ def test_files_that_would_leave_the_version_folder_are_refused(exported, root):
     sneaky = render.RenderedModel(model.name, model.template, model.context, {"../config.pbtxt": b"x"})
     with pytest.raises(UsageError, match="invalid file name"):
         repository.publish(root, [sneaky], {})
+
+
+# ---- python modules byte-compiled at staging ---------------------------------------------------------------------
+
+
+PYC = f"__pycache__/model.{sys.implementation.cache_tag}.pyc"
+
+
+def test_python_backend_modules_are_published_with_their_hash_checked_bytecode(exported, root):
+    result = repository.publish(root, models_for(exported, BOTH), {})
+    for name in ("tiny_tokenizer", "tiny_onnx_python"):
+        folder = result.paths[name]
+        record = json.loads((folder / repository.MANIFEST_FILE).read_text())
+        assert PYC in record["files"] and complete(folder)
+        compiled = (folder / PYC).read_bytes()
+        assert compiled[:4] == importlib.util.MAGIC_NUMBER
+        assert int.from_bytes(compiled[4:8], "little") == 0b11, "hash-based and checked, not an mtime check"
+        assert compiled[8:16] == importlib.util.source_hash((folder / "model.py").read_bytes())
+    assert not (result.paths["tiny_onnx"] / "__pycache__").exists(), "no python module, no bytecode"
+    again = repository.publish(root, models_for(exported, BOTH), {})
+    assert (again.paths["tiny_tokenizer"] / PYC).read_bytes() == (result.paths["tiny_tokenizer"] / PYC).read_bytes()
+
+
+def test_a_python_module_that_does_not_compile_stops_the_publish(exported, root, tmp_path):
+    broken = tmp_path / "model.py"
+    broken.write_text("def initialize(self:\n")
+    model = models_for(exported, PYTHON_ONLY)[0]
+    broken_model = render.RenderedModel(model.name, model.template, model.context, {"model.py": broken})
+    with pytest.raises(PackagerError, match=r"model.py of tiny_tokenizer does not compile: .*line 1"):
+        repository.publish(root, [broken_model], {})
+    assert not any(root.iterdir())
+
+
+def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
+    """Every path under `folder`, the folder itself included: its content hash (or 'dir') and its mtime."""
+    return {
+        str(p.relative_to(folder)): ("dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest(),
+                                     p.stat().st_mtime_ns)
+        for p in [folder, *sorted(folder.rglob("*"))]
+    }
+
+
+def test_serving_a_published_version_changes_nothing_in_its_folder(exported, root):
+    """The real tritonserver loads and runs the python models; their version folders stay byte-for-byte the same."""
+    pytest.importorskip("pytriton", reason="the local launcher needs nvidia-pytriton")
+    result = repository.publish(root, models_for(exported, PYTHON_ONLY), {})
+    before = {name: snapshot(folder) for name, folder in result.paths.items()}
+    with serve("local", root, ready_timeout_s=60) as server:
+        loaded = load_models(server, ["tiny_python"])["tiny_python"]
+        assert loaded.ok, loaded.error
+        text = httpclient.InferInput("text", [2, 1], "BYTES")
+        text.set_data_from_numpy(np.array([[b"A man is playing a guitar."], [b"Ok."]], dtype=object))
+        with closing(httpclient.InferenceServerClient(server.http_url)) as client:
+            assert client.infer("tiny_python", [text]).as_numpy("sentence_embedding").shape == (2, 32)
+    for name, folder in result.paths.items():
+        assert snapshot(folder) == before[name], f"serving changed {name}'s published version"
+        assert complete(folder)
 
 
 # ---- failures and roll-back ----------------------------------------------------------------------------------------
