@@ -27,7 +27,17 @@ from packager.tasks import BATCH, SEQUENCE
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
 PYTHON_MODELS = TEMPLATE_DIR / "python"
 TOKENIZER_FOLDER = "tokenizer"  # inside the tokenizer model's version folder
+FAST_TOKENIZER_FILE = "tokenizer.json"  # what `tokenizers` loads; absent for slow tokenizers
+ENCODING_FILE = "encoding.json"  # next to the tokenizer model's model.py
 PADDING_FILE = "padding.json"  # next to the portable model's model.py
+# The tokenizers.Encoding field behind each output of a Hugging Face fast tokenizer (transformers'
+# TokenizersBackend._convert_encoding): the tokenizer model reads them without importing transformers.
+ENCODING_FIELDS = {
+    "input_ids": "ids",
+    "token_type_ids": "type_ids",
+    "attention_mask": "attention_mask",
+    "special_tokens_mask": "special_tokens_mask",
+}
 
 DEVICE_KINDS = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
 # optimization.graph.level as Triton's onnxruntime backend reads it (0 or absent: all optimizations).
@@ -256,8 +266,13 @@ def _tokenizer_model(name: str, inputs: _Inputs) -> RenderedModel:
             "tokenizer_folder": TOKENIZER_FOLDER,
         },
     }
-    files: dict[str, Path | bytes] = {"model.py": PYTHON_MODELS / "tokenizer_model.py"}
-    for path, data in _tokenizer_files(inputs.artifacts.tokenizer).items():
+    saved = _tokenizer_files(inputs.artifacts.tokenizer)
+    encoding = _encoding_settings(inputs.artifacts.tokenizer, inputs.spec, fast=FAST_TOKENIZER_FILE in saved)
+    files: dict[str, Path | bytes] = {
+        "model.py": PYTHON_MODELS / "tokenizer_model.py",
+        ENCODING_FILE: (json.dumps(encoding, indent=2) + "\n").encode(),
+    }
+    for path, data in saved.items():
         files[f"{TOKENIZER_FOLDER}/{path}"] = data
     return RenderedModel(name, "tokenizer.pbtxt.j2", context, files)
 
@@ -410,6 +425,26 @@ def _pad_values(tokenizer: PreTrainedTokenizerBase, spec: IOSpec) -> dict[str, i
     if missing:
         raise PackagerError(f"the tokenizer gives {sorted(encoded.keys())}, not the graph's inputs {missing}")
     return {name: int(encoded[name][0, position]) for name in spec.input_names}
+
+
+def _encoding_settings(tokenizer: PreTrainedTokenizerBase, spec: IOSpec, fast: bool) -> dict:
+    """What the tokenizer model needs to encode as the Hugging Face tokenizer does (see tokenizer_model.py)."""
+    return {
+        "library": "tokenizers" if fast else "transformers",
+        "fields": _encoding_fields(spec) if fast else {},
+        "pad_values": _pad_values(tokenizer, spec),
+        "padding_side": tokenizer.padding_side,
+        "truncation_side": tokenizer.truncation_side,
+        "split_special_tokens": tokenizer.split_special_tokens,
+    }
+
+
+def _encoding_fields(spec: IOSpec) -> dict[str, str]:
+    """Graph input -> the tokenizers.Encoding field a fast tokenizer fills it from."""
+    unknown = [name for name in spec.input_names if name not in ENCODING_FIELDS]
+    if unknown:
+        raise PackagerError(f"graph inputs {unknown} are no tokenizers encoding field: {sorted(ENCODING_FIELDS)}")
+    return {name: ENCODING_FIELDS[name] for name in spec.input_names}
 
 
 def _tokenizer_files(tokenizer: PreTrainedTokenizerBase) -> dict[str, bytes]:

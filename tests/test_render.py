@@ -6,25 +6,30 @@ Regenerate the golden files with `UPDATE_GOLDEN=1 pytest tests/test_render.py -k
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
 from google.protobuf import text_format
+from tokenizers import Tokenizer
 from transformers import AutoTokenizer
+from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegacy
 from tritonclient.grpc import model_config_pb2
 
 from packager import export, iospec, render, repository, source, validate
 from packager.errors import PackagerError, UsageError
-from packager.recipe import load_recipe
+from packager.recipe import Range, load_recipe
 from packager.render import Artifacts, OnnxRuntimeOptions, ServingConfig, TensorRTPlan
 from packager.tasks import get_task
-from packager.triton.server import load_models, serve
+from packager.triton.server import TritonServer, load_models, serve
 
 GOLDEN = Path(__file__).parent / "golden"
 ALL_TARGETS = ServingConfig(targets=("onnxruntime", "python", "tensorrt"))
@@ -63,6 +68,26 @@ def any_task(request, tmp_path_factory, tiny, tiny_recipe_classifier) -> Exporte
     if request.param == "embeddings":
         return tiny
     return _export(tiny_recipe_classifier, tmp_path_factory.mktemp("tinycls"))
+
+
+def slow_tokenizer(exported: Exported) -> BertTokenizerLegacy:
+    """The same vocab in transformers' slow (pure Python) BERT tokenizer, which saves no tokenizer.json."""
+    vocab = Path(exported.recipe.source.path) / "vocab.txt"
+    return BertTokenizerLegacy(vocab_file=str(vocab), do_lower_case=True, model_input_names=exported.spec.input_names)
+
+
+def slow(exported: Exported) -> Exported:
+    """Served by the slow tokenizer, under the recipe name tinyslow."""
+    return dataclasses.replace(exported, recipe=exported.recipe.replace(name="tinyslow"),
+                               tokenizer=slow_tokenizer(exported))
+
+
+def left_sided(exported: Exported) -> Exported:
+    """Padded and truncated on the left, and padded to at least 12 tokens, under the recipe name tinyleft."""
+    tokenizer = AutoTokenizer.from_pretrained(exported.recipe.source.path, padding_side="left", truncation_side="left")
+    profile = dataclasses.replace(exported.recipe.profile, sequence=Range(12, 16, 32))
+    return dataclasses.replace(exported, recipe=exported.recipe.replace(name="tinyleft", profile=profile),
+                               tokenizer=tokenizer)
 
 
 def parse(text: str) -> model_config_pb2.ModelConfig:
@@ -175,16 +200,40 @@ def test_tensorrt_profiles_that_do_not_fit_the_graph_are_refused(tiny, profile, 
 # ---- the files of the python-backend models --------------------------------------------------------------------
 
 
-def test_tokenizer_files_load_offline_and_tokenize_like_the_source(tiny, tmp_path):
+def test_tokenizer_model_ships_tokenizer_json_and_how_to_encode_like_the_source(tiny):
     files = tiny.render()["tiny_tokenizer"].files
     assert files["model.py"] == render.PYTHON_MODELS / "tokenizer_model.py"
-    for relative, data in files.items():
-        if relative.startswith(f"{render.TOKENIZER_FOLDER}/"):
-            (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
-            (tmp_path / relative).write_bytes(data)
-    served = AutoTokenizer.from_pretrained(tmp_path / render.TOKENIZER_FOLDER, local_files_only=True)
-    texts = list(validate.VALIDATION_TEXTS)
-    assert served(texts)["input_ids"] == tiny.tokenizer(texts)["input_ids"]
+    assert json.loads(files[render.ENCODING_FILE]) == {
+        "library": "tokenizers",
+        "fields": {"input_ids": "ids", "token_type_ids": "type_ids", "attention_mask": "attention_mask"},
+        "pad_values": {"input_ids": tiny.tokenizer.pad_token_id, "token_type_ids": 0, "attention_mask": 0},
+        "padding_side": "right",
+        "truncation_side": "right",
+        "split_special_tokens": False,
+    }
+    served = Tokenizer.from_str(files[f"{render.TOKENIZER_FOLDER}/tokenizer.json"].decode())
+    served.no_padding()  # the file keeps the padding of the tokenizer's last call; tokenizer_model.py resets it too
+    texts = [*validate.VALIDATION_TEXTS, "[SEP] inside [PAD] a text"]
+    assert [e.ids for e in served.encode_batch(texts)] == tiny.tokenizer(texts)["input_ids"]
+
+
+def test_a_slow_tokenizer_is_served_by_transformers(tiny):
+    files = slow(tiny).render()["tinyslow_tokenizer"].files
+    assert f"{render.TOKENIZER_FOLDER}/tokenizer.json" not in files and f"{render.TOKENIZER_FOLDER}/vocab.txt" in files
+    encoding = json.loads(files[render.ENCODING_FILE])
+    assert encoding["library"] == "transformers" and encoding["fields"] == {}
+
+
+@pytest.mark.parametrize("template", ["tokenizer_model.py", "onnxruntime_model.py"])
+def test_python_models_import_neither_torch_nor_transformers(template):
+    """The module-level imports of a python-backend model (what every load runs), in a fresh interpreter."""
+    body = ast.parse((render.PYTHON_MODELS / template).read_text()).body
+    modules = [alias.name for node in body if isinstance(node, ast.Import) for alias in node.names]
+    modules += [node.module for node in body if isinstance(node, ast.ImportFrom)]
+    modules.remove("triton_python_backend_utils")  # the server's own module
+    code = f"import sys, {', '.join(modules)}; print(sorted({{'torch', 'transformers'}} & set(sys.modules)))"
+    imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert imported.split() == ["[]"], f"{template} imports {imported.strip()}"
 
 
 def test_portable_model_ships_graph_code_and_padding_facts(tiny):
@@ -256,8 +305,15 @@ def test_bad_serving_keys_are_usage_errors_naming_the_key(tiny_recipe_embeddings
 JOIN = 4  # requests the batcher must gather before it runs them (the queue delay is far longer than the test)
 
 
+@dataclasses.dataclass(frozen=True)
+class Live:
+    server: TritonServer
+    root: Path
+    client: httpclient.InferenceServerClient
+
+
 @pytest.fixture(scope="module")
-def served(tiny, tmp_path_factory):
+def live(tiny, tmp_path_factory) -> Live:
     """tiny_python (tokenizer + portable model) published and loaded; the batcher waits for JOIN rows."""
     pytest.importorskip("pytriton", reason="the local launcher needs nvidia-pytriton")
     serving = ServingConfig(targets=("python",), preferred_batch_sizes=(JOIN,), max_queue_delay_us=60_000_000)
@@ -268,9 +324,14 @@ def served(tiny, tmp_path_factory):
         assert loaded["tiny_python"].ok, loaded["tiny_python"].error
         client = httpclient.InferenceServerClient(server.http_url, concurrency=JOIN)
         try:
-            yield client
+            yield Live(server, root, client)
         finally:
             client.close()
+
+
+@pytest.fixture(scope="module")
+def served(live) -> httpclient.InferenceServerClient:
+    return live.client
 
 
 def _infer_texts(client, model: str, texts: list[str]):
@@ -287,6 +348,29 @@ def test_served_tokenizer_truncates_pads_and_keeps_the_graphs_types(served, tiny
         got = result.as_numpy(tensor.name)
         assert got.dtype == tensor.numpy_dtype and got.shape == (3, 32)
         np.testing.assert_array_equal(got, expected[tensor.name])
+
+
+@pytest.mark.parametrize("variant", [left_sided, slow], ids=["left sides, min sequence 12", "slow tokenizer"])
+def test_served_tokenizer_gives_the_hugging_face_tokenizers_tokens(live, tiny, variant):
+    exported = variant(tiny)
+    name = f"{exported.recipe.name}_tokenizer"
+    repository.publish(live.root, [exported.render(ServingConfig(targets=("python",)), plan=False)[name]], {})
+    loaded = load_models(live.server, [name])[name]
+    assert loaded.ok, loaded.error
+    for texts in (["Ok.", ""], ["[SEP] inside [PAD] a text", validate.VALIDATION_TEXTS[9], "Où est la gare ?"]):
+        result = _infer_texts(live.client, name, texts)
+        expected = hugging_face_tokens(exported, texts)
+        for tensor in exported.spec.inputs:
+            assert result.as_numpy(tensor.name).dtype == tensor.numpy_dtype
+            np.testing.assert_array_equal(result.as_numpy(tensor.name), expected[tensor.name], err_msg=tensor.name)
+
+
+def hugging_face_tokens(exported: Exported, texts: list[str]) -> dict[str, np.ndarray]:
+    """The source tokenizer's tokens, truncated at the profile's max sequence, padded to the longest text (at least
+    to the profile's min sequence), as the smoke's reference tokenizes."""
+    sequence = exported.recipe.profile.sequence
+    lengths = exported.tokenizer(texts, truncation=True, max_length=sequence.max)["input_ids"]
+    return validate.tokenize(exported.tokenizer, exported.spec, texts, max([sequence.min, *map(len, lengths)]))
 
 
 def test_served_ensemble_embeds_text_like_onnx_runtime(served, tiny):

@@ -1,29 +1,81 @@
 """Triton python-backend model: texts in, the model's token tensors out (names and types from the config).
 
 Each request's texts are truncated at max_sequence_length and padded to the longest of them, at least to
-min_sequence_length. The tokenizer files are in the version folder: nothing is downloaded.
+min_sequence_length, as the Hugging Face tokenizer does. encoding.json (next to this file, written by the packager
+from that tokenizer) says which library encodes, the tokenizers.Encoding field behind each output, the value each
+output is padded with, and the padding and truncation sides. The tokenizer files are in the version folder:
+nothing is downloaded.
+
+A fast tokenizer is run by the `tokenizers` library from tokenizer.json, the same Rust code the Hugging Face fast
+tokenizer calls, without importing transformers (which imports torch: seconds at every load). Only a slow tokenizer
+(no tokenizer.json) falls back to transformers.
 """
 
 import json
 import os
 from pathlib import Path
 
+import numpy as np
 import triton_python_backend_utils as pb_utils
+from tokenizers import Tokenizer
 
-os.environ["HF_HUB_OFFLINE"] = "1"
-from transformers import AutoTokenizer  # noqa: E402  (after HF_HUB_OFFLINE)
+ENCODING_FILE = "encoding.json"
+PADDED_SLICES = {  # where a row of `size` tokens goes in a padded row of `length`
+    "right": lambda size, length: slice(0, size),
+    "left": lambda size, length: slice(length - size, length),
+}
+
+
+class FastEncoder:
+    """tokenizer.json run by `tokenizers`, truncated like transformers' fast tokenizer: longest first, no stride."""
+
+    def __init__(self, folder, settings, names, max_length):
+        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self.tokenizer.no_padding()  # the file may carry the padding and truncation it was saved with
+        self.tokenizer.enable_truncation(
+            max_length, stride=0, strategy="longest_first", direction=settings["truncation_side"]
+        )
+        self.tokenizer.encode_special_tokens = settings["split_special_tokens"]
+        self.fields = {name: settings["fields"][name] for name in names}
+
+    def __call__(self, texts):
+        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=True)
+        return {name: [getattr(e, field) for e in encodings] for name, field in self.fields.items()}
+
+
+class TransformersEncoder:
+    """A slow tokenizer (no tokenizer.json) needs transformers, which imports torch: this load takes seconds."""
+
+    def __init__(self, folder, settings, names, max_length):
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        self.names = names
+        self.max_length = max_length
+
+    def __call__(self, texts):
+        encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length)
+        return {name: encoded[name] for name in self.names}
+
+
+ENCODERS = {"tokenizers": FastEncoder, "transformers": TransformersEncoder}
 
 
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         parameters = {key: value["string_value"] for key, value in config["parameters"].items()}
-        folder = Path(args["model_repository"]) / args["model_version"] / parameters["tokenizer_folder"]
-        self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        version = Path(args["model_repository"]) / args["model_version"]
+        settings = json.loads((version / ENCODING_FILE).read_text())
         self.max_length = int(parameters["max_sequence_length"])
         self.min_length = int(parameters["min_sequence_length"])
         self.text_input = config["input"][0]["name"]
         self.outputs = {t["name"]: pb_utils.triton_string_to_numpy(t["data_type"]) for t in config["output"]}
+        self.pad_values = {name: settings["pad_values"][name] for name in self.outputs}
+        self.padded_slice = PADDED_SLICES[settings["padding_side"]]
+        encoder = ENCODERS[settings["library"]]
+        self.encode = encoder(version / parameters["tokenizer_folder"], settings, list(self.outputs), self.max_length)
 
     def execute(self, requests):
         return [self._respond(request) for request in requests]
@@ -32,12 +84,18 @@ class TritonPythonModel:
         try:
             values = pb_utils.get_input_tensor_by_name(request, self.text_input).as_numpy().reshape(-1)
             encoded = self.tokenize([v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values])
-            tensors = [pb_utils.Tensor(name, encoded[name].astype(dtype)) for name, dtype in self.outputs.items()]
-            return pb_utils.InferenceResponse(output_tensors=tensors)
+            return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(n, v) for n, v in encoded.items()])
         except Exception as exc:
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"tokenizer: {exc}"))
 
     def tokenize(self, texts):
-        lengths = self.tokenizer(texts, truncation=True, max_length=self.max_length, return_length=True)["length"]
-        length = max([self.min_length, *lengths])
-        return self.tokenizer(texts, truncation=True, max_length=length, padding="max_length", return_tensors="np")
+        """Output name -> (texts, length) array: rows truncated, padded to the longest (at least min_length)."""
+        rows = self.encode(texts)
+        length = max([self.min_length, *(len(row) for row in next(iter(rows.values())))])
+        return {name: self._pad(name, rows[name], length) for name in self.outputs}
+
+    def _pad(self, name, rows, length):
+        padded = np.full((len(rows), length), self.pad_values[name], self.outputs[name])
+        for index, row in enumerate(rows):
+            padded[index, self.padded_slice(len(row), length)] = row
+        return padded
