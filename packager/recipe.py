@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -43,6 +44,9 @@ class Range:
 class Profile:
     batch: Range
     sequence: Range
+
+
+DEFAULT_BATCH, DEFAULT_SEQUENCE = Range(1, 8, 32), Range(2, 128, 256)
 
 
 @dataclass(frozen=True)
@@ -152,15 +156,28 @@ def _with_task(recipe: Recipe, task: str | None) -> Recipe:
 
 
 def local_folder_recipe(folder: Path, task: str | None) -> Recipe:
-    """A recipe for a local model folder, with the default profile and the task given or inferred."""
+    """A recipe for a local model folder: the task given or inferred, the default profile within the model's limits."""
     from packager.tasks import infer_task
 
     folder = folder.resolve()
     name = "".join(c if c.isalnum() else "_" for c in folder.name.lower()).strip("_") or "model"
+    longest = min(DEFAULT_SEQUENCE.max, *_sequence_limits(folder))
+    sequence = Range(min(DEFAULT_SEQUENCE.min, longest), min(DEFAULT_SEQUENCE.opt, longest), longest)
     return Recipe(
         name=name,
         task=task or infer_task(folder),
         source=Source(path=str(folder)),
-        profile=Profile(batch=Range(1, 8, 32), sequence=Range(2, 128, 256)),
+        profile=Profile(batch=DEFAULT_BATCH, sequence=sequence),
         description=f"local model folder {folder}",
     )
+
+
+def _sequence_limits(folder: Path) -> list[int]:
+    """The longest sequences the folder's model takes: its position embeddings, and sentence-transformers' length."""
+    limits = []
+    for file, key in (("config.json", "max_position_embeddings"), ("sentence_bert_config.json", "max_seq_length")):
+        path = folder / file
+        value = json.loads(path.read_text()).get(key) if path.exists() else None
+        if isinstance(value, int) and value > 0:
+            limits.append(value)
+    return limits

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from packager.errors import PackagerError, first_line
+from packager.errors import PackagerError, UsageError, first_line
 from packager.recipe import Recipe, Source
 from packager.tasks import get_task
 
@@ -77,6 +77,10 @@ def load(recipe: Recipe) -> LoadedModel:
     except Exception as exc:
         raise PackagerError(f"cannot load weights from {folder}: {first_line(exc)}") from None
     model.eval()
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions and recipe.profile.sequence.max > positions:
+        raise UsageError(f"profile sequence max {recipe.profile.sequence.max} exceeds the {positions} positions of "
+                         f"the model in {folder}: lower it (--sequence)")
     sbert = folder / "sentence_bert_config.json"
     max_seq_length = json.loads(sbert.read_text()).get("max_seq_length") if sbert.exists() else None
     return LoadedModel(folder, model, tokenizer, digest, max_seq_length)

@@ -45,3 +45,17 @@ def test_local_folder_infers_task(tiny_bert_dir, tiny_classifier_dir):
     assert load_recipe(str(tiny_bert_dir)).task == "embeddings"
     assert load_recipe(str(tiny_classifier_dir)).task == "sequence-classification"
     assert load_recipe(str(tiny_bert_dir), task="sequence-classification").task == "sequence-classification"
+
+
+def test_local_folder_profile_stays_within_the_model_positions(tiny_bert_dir):
+    # the tiny model has 128 position embeddings; the default profile would go to 256
+    assert load_recipe(str(tiny_bert_dir)).profile.sequence.max == 128
+
+
+def test_profile_longer_than_the_model_is_one_clear_error(tiny_recipe_embeddings):
+    from packager import source
+    from packager.recipe import Profile
+
+    recipe = tiny_recipe_embeddings.replace(profile=Profile(batch=Range(1, 1, 1), sequence=Range(2, 16, 512)))
+    with pytest.raises(UsageError, match="profile sequence max 512 exceeds the 128 positions"):
+        source.load(recipe)
