@@ -89,6 +89,7 @@ class Release:
 
 
 def package(recipe: Recipe, build_options: BuildOptions, release_options: ReleaseOptions) -> tuple[Build, Release]:
+    serving_config(recipe, release_options.targets)  # bad release options fail before the build, not after
     built = build(recipe, build_options)
     return built, release(built, release_options)
 
@@ -184,9 +185,7 @@ def _engine(exported, settings, validator, recipe, staging, options):
 def release(built: Build, options: ReleaseOptions) -> Release:
     """Render the build's Triton models, smoke them on a staged copy, then publish them as a new version."""
     recipe = built.recipe
-    serving = render.ServingConfig.from_recipe(recipe)
-    if options.targets:
-        serving = dataclasses.replace(serving, targets=tuple(options.targets))
+    serving = serving_config(recipe, options.targets)
     tokenizer = AutoTokenizer.from_pretrained(source.resolve_folder(recipe.source))
     with step("render Triton configs (checked with Triton's ModelConfig schema)"):
         models = render.render_repository(recipe, built.spec, serving, render.Artifacts(
@@ -223,6 +222,17 @@ def _smoke(recipe, built, models, manifest, options, published: Path | None = No
     if not result.passed:
         say("the live smoke failed: " + ("the version above stays published" if published else "nothing was published"))
     return smoke.require(result)
+
+
+def serving_config(recipe: Recipe, targets: tuple[str, ...] | None) -> render.ServingConfig:
+    """The recipe's [serving] section, with the targets chosen on the command line."""
+    serving = render.ServingConfig.from_recipe(recipe)
+    if not targets:
+        return serving
+    unknown = [target for target in targets if target not in render.TARGETS]
+    if unknown:
+        raise UsageError(f"unknown target(s) {', '.join(unknown)}: choose from {', '.join(render.TARGETS)}")
+    return dataclasses.replace(serving, targets=tuple(targets))
 
 
 def shipped_tolerances(repository_root: Path, model: str) -> Tolerances:
