@@ -96,6 +96,7 @@ def package(recipe: Recipe, build_options: BuildOptions, release_options: Releas
 
 def build(recipe: Recipe, options: BuildOptions) -> Build:
     """Every stage up to the build folder; it appears in build_root/<name> only when all gates passed."""
+    repository.check_name(recipe.name, "recipe name")  # it names the build folder and every model
     task = get_task(recipe.task)
     serving = render.ServingConfig.from_recipe(recipe)
     device = options.device or serving.device

@@ -116,3 +116,12 @@ def test_help_explains_package_options():
     for option in ("--task", "--opset", "--batch", "--sequence", "--build-dir", "--levels", "--precision",
                    "--repository", "--version", "--force", "--launcher"):
         assert option in result.stdout
+
+
+def test_a_recipe_name_that_could_leave_its_folder_is_refused(capsys, tmp_path, tiny_bert_dir):
+    recipe = write_recipe(tmp_path / "evil.toml", tiny_bert_dir)
+    recipe.write_text(recipe.read_text().replace('name = "tiny"', 'name = "../evil"'))
+    code, _, err = run_cli(capsys, "package", str(recipe), *package_args(tmp_path))
+    assert code == 2
+    assert_one_line_error(err, "invalid recipe name '../evil'")
+    assert not (tmp_path / "evil").exists()
