@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 
-from packager import bench, export, iospec, optimize, source, validate
+from packager import export, iospec, optimize, source, validate
 from packager.errors import GateFailed, UsageError
 from packager.recipe import Recipe, load_recipe
 from packager.tasks import get_task
@@ -197,45 +196,3 @@ def test_minilm_fused_graph_has_fused_attention_and_passes_the_gate(tmp_path):
     assert fused.passed and fused.shipped, fused.reason
     assert fused.fusions["Attention"] == 6 and fused.fusions["SkipLayerNormalization"] == 12
     assert sum(node.op_type == "Attention" for node in onnx.load(str(fused.path)).graph.node) == 6
-
-
-# ---------------------------------------------------------------- bench (first version; in-process only)
-
-
-def test_interleaved_measures_round_robin_within_its_budget():
-    calls: list[str] = []
-    candidates = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
-    timings = bench.interleaved(candidates, bench.Budget(warmup=2, max_rounds=4, seconds=60, passes=1))
-    assert calls[:6] == ["a", "a", "b", "b", "c", "c"]  # warmup, not timed
-    assert calls[6:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]  # rotated each round
-    assert {name: len(t.samples_ms) for name, t in timings.items()} == {"a": 4, "b": 4, "c": 4}
-    slow = bench.interleaved({"sleep": lambda: time.sleep(0.02)}, bench.Budget(warmup=0, max_rounds=1000, seconds=0.05))
-    assert 2 <= len(slow["sleep"].samples_ms) < 10  # the time budget ends the pass long before max_rounds
-
-
-def test_measure_in_process_reports_every_candidate_against_pytorch(embeddings, cpu_result):
-    budget = bench.Budget(warmup=1, max_rounds=3, seconds=5, passes=2)
-    measurements = bench.measure_in_process(embeddings.loaded, embeddings.exported, cpu_result.levels, [(1, 16), (2, 32)], budget, threads=1)
-    candidates = [bench.PYTORCH, "onnxruntime plain", "onnxruntime fused", "onnxruntime int8"]
-    assert [(m.candidate, m.batch, m.sequence) for m in measurements] == [(c, b, s) for b, s in [(1, 16), (2, 32)] for c in candidates]
-    torch_rows = [m for m in measurements if m.candidate == bench.PYTORCH]
-    assert all(m.speedup == 1.0 and m.parity == "reference" for m in torch_rows)
-    assert all(m.calls == 6 and m.median_ms > 0 and m.threads == 1 for m in measurements)
-    int8 = next(m for m in measurements if m.candidate == "onnxruntime int8")
-    assert int8.parity.startswith("cosine ") and "max|Δ|" in int8.parity
-    table = bench.markdown_table(measurements).splitlines()
-    assert len(table) == 2 + len(measurements) and "| onnxruntime fused | 2×32 |" in table[-2]
-
-
-def test_benchmark_inputs_are_real_text_at_exactly_the_shape(embeddings):
-    inputs = bench.benchmark_inputs(embeddings.loaded.tokenizer, embeddings.exported, 8, 128)
-    assert set(inputs) == set(embeddings.exported.spec.input_names)
-    assert all(value.shape == (8, 128) for value in inputs.values())
-    assert inputs["attention_mask"].sum(axis=1).min() >= 2 and inputs["attention_mask"].sum() < 8 * 128
-
-
-def test_parse_shapes():
-    assert bench.parse_shapes("1x128, 8X128") == [(1, 128), (8, 128)]
-    for bad in ("", "1x", "0x128", "1x2x3", "ax1"):
-        with pytest.raises(UsageError, match="--shapes"):
-            bench.parse_shapes(bad)

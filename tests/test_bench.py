@@ -1,0 +1,257 @@
+"""The benchmark on the tiny model: inputs, FLOPs, peak, interleaved in-process timing, the closed-loop clients, and one
+small run with a real Triton server whose report is checked for structure and sane numbers (never for speed)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from packager import bench, source
+from packager.errors import PackagerError, UsageError
+from packager.tasks import get_task
+
+TINY_SHAPE = (1, 16)
+CONCURRENCY = (1, 2)
+PROTOCOLS = ("http", "grpc")
+
+
+@pytest.fixture(scope="module")
+def build(tiny_recipe_embeddings, tmp_path_factory):
+    """The tiny model built by the bench itself (no build folder yet), as `packager package` builds it."""
+    return bench.ensure_build(tiny_recipe_embeddings, tmp_path_factory.mktemp("build"))
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_recipe_embeddings):
+    return source.load(tiny_recipe_embeddings)
+
+
+@pytest.fixture(scope="module")
+def report(tiny_recipe_embeddings, build, tmp_path_factory):
+    """One tiny run, served part included (a real local tritonserver), written to disk."""
+    pytest.importorskip("pytriton", reason="the local launcher needs nvidia-pytriton")
+    options = bench.BenchOptions(
+        build_root=build.folder.parent, shapes=(TINY_SHAPE,), concurrency=CONCURRENCY, protocols=PROTOCOLS,
+        budget=bench.Budget(warmup=1, max_rounds=3, seconds=2, passes=2),
+        load=bench.LoadBudget(warmup=1, max_requests=12, seconds=2), peak_size=128, command="pytest tiny bench",
+    )
+    report = bench.benchmark(tiny_recipe_embeddings, options)
+    return report, report.write(tmp_path_factory.mktemp("reports") / tiny_recipe_embeddings.name)
+
+
+# ---- inputs
+
+
+@pytest.mark.parametrize("tokens", [2, 3, 17, 32])
+def test_text_of_length_gives_exactly_that_many_tokens(loaded, tokens):
+    text = bench.text_of_length(loaded.tokenizer, tokens)
+    assert bench.token_count(loaded.tokenizer, text) == tokens
+    assert tokens == 2 or text.strip()
+
+
+def test_workload_tokens_are_what_the_served_tokenizer_gives(loaded, build, tiny_recipe_embeddings):
+    workload = bench.make_workload(loaded.tokenizer, build.spec, 4, 32)
+    assert workload.shape == "4x32" and len(workload.texts) == 4
+    assert all(value.shape == (4, 32) for value in workload.tensors.values())
+    lengths = workload.tensors["attention_mask"].sum(axis=1)
+    assert lengths[0] == 32 and (lengths[1:] < 32).all()  # one exact row, the others real shorter texts
+    # The served tokenizer pads a request to its longest text, truncating at the profile's max: the same tensors.
+    served = loaded.tokenizer(list(workload.texts), padding="longest", truncation=True,
+                              max_length=tiny_recipe_embeddings.profile.sequence.max, return_tensors="np")
+    for name, value in workload.tensors.items():
+        assert (served[name] == value).all(), name
+
+
+# ---- FLOPs and peak
+
+
+def tiny_bert_flops(batch: int, sequence: int, hidden: int = 32, intermediate: int = 64, layers: int = 2) -> float:
+    """2 × multiply-accumulates of a BERT encoder: QKV and output projections, the FFN, QKᵀ and softmax·V."""
+    projections = 3 * hidden * hidden + hidden * hidden + 2 * hidden * intermediate
+    return layers * (2.0 * batch * sequence * projections + 4.0 * batch * sequence * sequence * hidden)
+
+
+def test_flops_of_plain_and_fused_graphs_match_the_architecture(build):
+    shapes = [(1, 16), (3, 32)]
+    plain = bench.model_flops(build.exported_path, build.spec, shapes)
+    fused = bench.model_flops(build.folder / "levels" / "model.fused.onnx", build.spec, shapes)
+    assert plain == fused == {shape: tiny_bert_flops(*shape) for shape in shapes}
+
+
+def test_flops_need_concrete_shapes(build, tmp_path):
+    with pytest.raises(PackagerError, match="cannot infer the shapes of model.int8.onnx"):
+        bench.model_flops(build.folder / "levels" / "model.int8.onnx", build.spec, [TINY_SHAPE])
+    assert not list(Path.cwd().glob("sym_shape_infer_temp*"))  # its failure leaves nothing in the working directory
+
+
+def test_peaks_are_measured_per_precision():
+    peaks = bench.measure_peaks(threads=1, size=128, repeats=2)
+    assert set(peaks) == {"fp32", "int8"}
+    assert all(peak.gflops > 0 and "128x128" in peak.method for peak in peaks.values())
+
+
+# ---- in process
+
+
+def test_interleaved_measures_round_robin_within_its_budget():
+    calls: list[str] = []
+    candidates = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
+    timings = bench.interleaved(candidates, bench.Budget(warmup=2, max_rounds=4, seconds=60, passes=1))
+    assert calls[:6] == ["a", "a", "b", "b", "c", "c"]  # warmup, not timed
+    assert calls[6:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]  # rotated each round
+    assert {name: len(t.samples_ms) for name, t in timings.items()} == {"a": 4, "b": 4, "c": 4}
+    slow = bench.interleaved({"sleep": lambda: time.sleep(0.02)}, bench.Budget(warmup=0, max_rounds=1000, seconds=0.05))
+    assert 2 <= len(slow["sleep"].samples_ms) < 10  # the time budget ends the pass long before max_rounds
+
+
+def test_measure_in_process_reports_every_gated_level_against_pytorch(build, loaded):
+    graphs = bench.graphs_of(build)
+    assert [(g.level, g.precision) for g in graphs] == [("plain", "fp32"), ("fused", "fp32"), ("int8", "int8")]
+    assert [g.shipped for g in graphs] == [False, False, True] and graphs[0].path == build.exported_path
+    wrapper = get_task(build.recipe.task).wrapper(loaded.model, build.spec.input_names).eval()
+    workloads = [bench.make_workload(loaded.tokenizer, build.spec, *shape) for shape in [(1, 16), (2, 32)]]
+    budget = bench.Budget(warmup=1, max_rounds=3, seconds=5, passes=2)
+    measurements = bench.measure_in_process(wrapper, build.spec, graphs, workloads, budget, threads=1)
+    candidates = [bench.PYTORCH, "onnxruntime plain", "onnxruntime fused", "onnxruntime int8"]
+    assert [(m.candidate, m.batch, m.sequence) for m in measurements] == [
+        (c, b, s) for b, s in [(1, 16), (2, 32)] for c in candidates]
+    assert all(m.speedup == 1.0 and m.parity == "reference" for m in measurements if m.candidate == bench.PYTORCH)
+    assert all(m.latency.requests == 6 and m.latency.p50_ms > 0 and m.threads == 1 for m in measurements)
+    int8 = next(m for m in measurements if m.candidate == "onnxruntime int8")
+    assert int8.parity.startswith("cosine ") and int8.parity.endswith("(shipped)")
+
+
+# ---- the closed loop of served clients
+
+
+@contextmanager
+def counting_client(calls: list, fail_at: int | None = None):
+    def call(check: bool) -> None:
+        calls.append((threading.get_ident(), check))
+        if fail_at is not None and len(calls) >= fail_at:
+            raise PackagerError("the server said no")
+    yield call
+
+
+def test_closed_loop_stops_at_its_request_budget_after_a_checked_warmup():
+    calls: list = []
+    ready: list[int] = []
+    budget = bench.LoadBudget(warmup=2, max_requests=10, seconds=60)
+    latencies, seconds = bench.closed_loop(lambda: counting_client(calls), 3, budget, lambda: ready.append(len(calls)))
+    assert ready == [6]  # when_ready runs once, after every client's warmup
+    assert sum(check for _, check in calls) == 6 and len(calls) == 16 and len(latencies) == 10
+    assert len({thread for thread, _ in calls}) == 3 and 0 < seconds < 60
+
+
+def test_closed_loop_raises_the_first_client_error():
+    calls: list = []
+    with pytest.raises(PackagerError, match="a benchmark request failed: the server said no"):
+        bench.closed_loop(lambda: counting_client(calls, fail_at=5), 2, bench.LoadBudget(warmup=1, max_requests=100,
+                                                                                           seconds=60))
+    assert len(calls) < 100
+
+
+# ---- the tiny run, served part included
+
+
+def numbers(value, path="$"):
+    """Every number of a JSON document with its path (booleans are flags, not numbers)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from numbers(item, f"{path}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from numbers(item, f"{path}[{index}]")
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        yield path, value
+
+
+def test_report_files_and_json_structure(report, tiny_recipe_embeddings):
+    result, paths = report
+    assert {path.name for path in paths.values()} == {"bench.json", "bench.md", "bench.png"}
+    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads(paths["json"].read_text())
+    assert set(data) >= {"model", "command", "settings", "machine", "peaks", "flops", "in_process", "served"}
+    assert data["model"] == tiny_recipe_embeddings.name and data["command"] == "pytest tiny bench"
+    assert data["flops"] == {"1x16": tiny_bert_flops(*TINY_SHAPE)} and set(data["peaks"]) == {"fp32", "int8"}
+    assert [row["candidate"] for row in data["in_process"]] == [
+        bench.PYTORCH, "onnxruntime plain", "onnxruntime fused", "onnxruntime int8"]
+    row_keys = {"latency", "p50_vs_pytorch", "throughput_vs_pytorch", "gflops_per_s", "percent_of_peak",
+                "sequences_per_s"}
+    assert all(row_keys <= set(row) for row in data["in_process"] + data["served"]["points"])
+    assert set(data["in_process"][0]["latency"]) == {"requests", "p50_ms", "p90_ms", "p99_ms", "inferences_per_s"}
+    bad = [(path, value) for path, value in numbers(data) if not (math.isfinite(value) and value > 0)]
+    assert not bad, bad
+
+
+def test_served_points_cover_the_grid_with_server_statistics(report, tiny_recipe_embeddings):
+    result, _ = report
+    name = tiny_recipe_embeddings.name
+    served = result.served
+    assert served.shipped_level == "int8" and served.server_version
+    grid = {(p.protocol, p.model, p.dynamic_batching, p.concurrency) for p in served.points}
+    assert grid == {(protocol, model, batching, clients) for protocol in PROTOCOLS
+                    for model in (f"{name}_python", f"{name}_onnx_python")
+                    for batching in (True, False) for clients in CONCURRENCY}
+    assert set(served.not_served) == {name, f"{name}_onnx"}  # the onnxruntime backend is not in the wheel's server
+    for point in served.points:
+        times = {t.model: t for t in point.server}
+        # Triton counted exactly the timed requests: the warmup came before the first statistics snapshot.
+        assert times[point.model].requests == point.latency.requests
+        assert all(times[step].requests == point.latency.requests for step in point.steps)
+        assert all(point.phase_ms(phase) > 0 for phase in bench.PHASES)
+        if point.input == "text":
+            assert point.steps == (f"{name}_tokenizer", f"{name}_onnx_python")
+        if not point.dynamic_batching:
+            assert point.average_batch == 1.0  # reloaded without dynamic batching: one request per execution
+
+
+def test_markdown_tables(report):
+    result, paths = report
+    text = paths["markdown"].read_text()
+    assert text.startswith(f"# Benchmark: {result.model}") and "![latency against throughput](bench.png)" in text
+    in_process = result.in_process_table().splitlines()
+    served = result.served_table().splitlines()
+    assert len(in_process) == 2 + 4 and in_process[2].startswith("| pytorch eager | 1×16 |")
+    assert len(served) == 2 + len(result.served.points) == 2 + 2 * 2 * 2 * len(CONCURRENCY)
+    assert all(line.count("|") == served[0].count("|") for line in served)
+    assert "\n".join(in_process) in text and "\n".join(served) in text
+
+
+# ---- options
+
+
+def parse(*argv: str) -> bench.BenchOptions:
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    return bench.options_from_args(parser.parse_args(argv))
+
+
+def test_command_line_options():
+    default = parse()
+    assert default.shapes is None and default.concurrency == (1, 2, 4, 8) and default.serve
+    options = parse("bert", "--shapes", "1x128, 8X64", "--served-shapes", "2x32", "--concurrency", "1,3",
+                    "--protocols", "grpc", "--no-serve", "--passes", "1", "--requests", "5", "--point-seconds", "0.5")
+    assert options.shapes == ((1, 128), (8, 64)) and options.served_shapes == ((2, 32),)
+    assert options.concurrency == (1, 3) and options.protocols == ("grpc",) and not options.serve
+    assert options.budget.passes == 1 and options.load == bench.LoadBudget(max_requests=5, seconds=0.5)
+    for bad, message in [(["--shapes", "1x"], "--shapes"), (["--served-shapes", "0x8"], "--served-shapes"),
+                         (["--concurrency", "0"], "--concurrency"), (["--concurrency", "a"], "--concurrency"),
+                         (["--protocols", "udp"], "--protocols")]:
+        with pytest.raises(UsageError, match=message):
+            parse(*bad)
+
+
+def test_grid_defaults_to_the_profile_and_stays_inside_it(tiny_recipe_embeddings):
+    assert bench.BenchOptions().grid(tiny_recipe_embeddings) == ([(1, 16), (2, 16)], [(1, 16)])
+    shapes, served = bench.BenchOptions(shapes=((4, 32),), served_shapes=((1, 8),)).grid(tiny_recipe_embeddings)
+    assert shapes == [(4, 32), (1, 8)] and served == [(1, 8)]  # served shapes get their PyTorch baseline
+    with pytest.raises(UsageError, match="shape 8x16 is outside the profile"):
+        bench.BenchOptions(shapes=((8, 16),)).grid(tiny_recipe_embeddings)
