@@ -83,6 +83,9 @@ class Budget:
     seconds: float = 8.0
     passes: int = 3
 
+    def __post_init__(self):
+        _require_positive(rounds=self.max_rounds, seconds=self.seconds, passes=self.passes)
+
 
 @dataclass(frozen=True)
 class LoadBudget:
@@ -91,6 +94,16 @@ class LoadBudget:
     warmup: int = 2
     max_requests: int = 600
     seconds: float = 3.0
+
+    def __post_init__(self):
+        _require_positive(requests=self.max_requests, point_seconds=self.seconds)
+
+
+def _require_positive(**values: float) -> None:
+    """UsageError naming the first value that is not above zero (as its command-line option)."""
+    for name, value in values.items():
+        if not value > 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be above 0; got {value}")
 
 
 @dataclass(frozen=True)
@@ -136,7 +149,7 @@ class BenchOptions:
 
 @dataclass(frozen=True)
 class Workload:
-    """One request's content: `batch` texts and their tokens at exactly `sequence`, as the served tokenizer pads them."""
+    """A request: `batch` texts, and their tokens at exactly `sequence` as the served tokenizer pads them."""
 
     batch: int
     sequence: int
@@ -150,25 +163,26 @@ class Workload:
 
 def make_workload(tokenizer, spec: IOSpec, batch: int, sequence: int) -> Workload:
     """Real text: one text of exactly `sequence` tokens, then validation texts no longer than that (mixed lengths)."""
-    fitting = [text for text in validate.VALIDATION_TEXTS if token_count(tokenizer, text) <= sequence]
+    fitting = [text for text in validate.VALIDATION_TEXTS if token_count(tokenizer, text, sequence) <= sequence]
     others = itertools.cycle(fitting or [""])
     texts = (text_of_length(tokenizer, sequence), *(next(others) for _ in range(batch - 1)))
     return Workload(batch, sequence, texts, validate.tokenize(tokenizer, spec, list(texts), sequence))
 
 
-def token_count(tokenizer, text: str) -> int:
-    return len(tokenizer(text, truncation=False)["input_ids"])
+def token_count(tokenizer, text: str, limit: int) -> int:
+    """Tokens of `text` with the special tokens, counted up to `limit` + 1."""
+    return len(tokenizer(text, truncation=True, max_length=limit + 1)["input_ids"])
 
 
 def text_of_length(tokenizer, tokens: int) -> str:
     """Words of the validation texts, added while they fit, until the text is exactly `tokens` tokens long."""
     words = " ".join(validate.VALIDATION_TEXTS).split()
-    text, count = "", token_count(tokenizer, "")
+    text, count = "", token_count(tokenizer, "", tokens)
     for word in itertools.islice(itertools.cycle(words), 4 * tokens + len(words)):
         if count == tokens:
             break
         candidate = f"{text} {word}".strip()
-        length = token_count(tokenizer, candidate)
+        length = token_count(tokenizer, candidate, tokens)
         if length <= tokens:
             text, count = candidate, length
     if count != tokens:
@@ -185,8 +199,8 @@ def model_flops(path: Path, spec: IOSpec, shapes: Sequence[Shape]) -> dict[Shape
     Method: the graph's inputs are given the concrete batch and sequence, ONNX Runtime's symbolic shape inference
     (which also knows its contrib ops) gives every tensor its concrete shape, and each matrix product is counted as
     2 × multiply-accumulates with those shapes: MatMul and MatMulInteger (broadcast batch dims × M × K × N), Gemm
-    (M × K × N) and the fused Attention (the QKV projection, QKᵀ and softmax·V). Element-wise work (LayerNorm, GELU,
-    softmax, adds) is left out: it is about 1% of BERT's products at sequence 128. Padded positions count: the
+    (M × K × N) and the fused Attention (the QKV projection, QKᵀ and softmax·V). Element-wise work (LayerNorm,
+    GELU, softmax, adds) is left out: it is about 1% of BERT's products at sequence 128. Padded positions count: the
     graph computes them. The bench counts the plain export: the fused graph does the same products (the tests check
     that both give the same number) and the int8 graph does them as integer multiply-accumulates.
     """
@@ -227,7 +241,8 @@ def _working_directory(folder: str) -> Iterator[str]:
 def _count_flops(graph: onnx.GraphProto, where: str) -> float:
     shapes = {init.name: list(init.dims) for init in graph.initializer}
     for value in [*graph.input, *graph.value_info, *graph.output]:
-        shapes[value.name] = [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
+        dims = value.type.tensor_type.shape.dim
+        shapes[value.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
 
     def shape_of(name: str) -> list[int]:
         dims = shapes.get(name)
@@ -235,7 +250,8 @@ def _count_flops(graph: onnx.GraphProto, where: str) -> float:
             raise PackagerError(f"cannot count FLOPs of {where}: tensor '{name}' has no concrete shape ({dims})")
         return dims
 
-    return float(sum(FLOP_COUNTERS[node.op_type](node, shape_of) for node in graph.node if node.op_type in FLOP_COUNTERS))
+    counted = (node for node in graph.node if node.op_type in FLOP_COUNTERS)
+    return float(sum(FLOP_COUNTERS[node.op_type](node, shape_of) for node in counted))
 
 
 def _matmul_flops(node: onnx.NodeProto, shape_of: Callable[[str], list[int]]) -> float:
@@ -288,11 +304,10 @@ def measure_peaks(threads: int, size: int = 2048, repeats: int = PEAK_REPEATS) -
     fp32 = _fastest(lambda: torch.matmul(a, b), repeats)
     session, feed = _int8_matmul_session(size, threads)
     int8 = _fastest(lambda: session.run(None, feed), repeats)
-    operations = 2.0 * size**3
+    operations, how = 2.0 * size**3, f"{size}x{size}, {threads} threads, best of {repeats}"
     return {
-        "fp32": Peak("fp32", operations / fp32 / 1e9, f"torch.matmul fp32 {size}x{size}, {threads} threads, best of {repeats}"),
-        "int8": Peak("int8", operations / int8 / 1e9,
-                     f"ONNX Runtime MatMulInteger u8xs8 {size}x{size}, {threads} threads, best of {repeats}"),
+        "fp32": Peak("fp32", operations / fp32 / 1e9, f"torch.matmul fp32 {how}"),
+        "int8": Peak("int8", operations / int8 / 1e9, f"ONNX Runtime MatMulInteger u8xs8 {how}"),
     }
 
 
@@ -380,12 +395,13 @@ class InProcess:
 
 
 def graphs_of(build: pipeline.Build) -> list[Graph]:
-    """Every level of the build that passed its gate: plain is the export itself, the others levels/model.<level>.onnx."""
+    """Every level of the build that passed its gate: plain is the export, the others levels/model.<level>.onnx."""
     graphs = []
     for level in build.record["optimize"]["levels"]:
-        path = build.exported_path if level["level"] == "plain" else build.folder / "levels" / f"model.{level['level']}.onnx"
+        name = level["level"]
+        path = build.exported_path if name == "plain" else build.folder / "levels" / f"model.{name}.onnx"
         if level["passed"] and path.exists():
-            graphs.append(Graph(level["level"], path, describe_parity(level["parity"]), level["shipped"]))
+            graphs.append(Graph(name, path, describe_parity(level["parity"]), level["shipped"]))
     return graphs
 
 
@@ -778,7 +794,7 @@ class Report:
                 "throughput_vs_pytorch": latency.inferences_per_s / reference.inferences_per_s}
 
     def compute(self, batch: int, sequence: int, latency: Latency, precision: str) -> dict[str, float]:
-        """Achieved GFLOP/s (the model's FLOPs × inferences/s) and its share of this machine's peak for the precision."""
+        """Achieved GFLOP/s (the model's FLOPs × inferences/s) and its share of the peak of its precision."""
         gflops = self.flops[(batch, sequence)] * latency.inferences_per_s / 1e9
         peak = self.peaks.get(precision)
         return {"gflops_per_s": gflops} | ({"percent_of_peak": 100 * gflops / peak.gflops} if peak else {})
@@ -876,34 +892,38 @@ class Report:
         return "\n\n".join(parts) + "\n"
 
     def plot(self, path: Path) -> Path:
-        """p50 latency against sequences/s: a line per served configuration over its client counts, a point per
-        in-process candidate and shape."""
+        """p50 latency against sequences/s: a line per served configuration over its client counts (one colour per
+        protocol, input and shape; dashed without dynamic batching), a point per in-process candidate and shape."""
         try:
             from matplotlib.figure import Figure
-            from matplotlib.ticker import ScalarFormatter
+            from matplotlib.ticker import FuncFormatter
         except ImportError:
             raise PackagerError("the benchmark plot needs matplotlib: pip install '.[bench]'") from None
         figure = Figure(figsize=(10, 6.5), layout="constrained")
         axes = figure.subplots()
-        markers = itertools.cycle("s^vDPX*")
+        markers, colours = itertools.cycle("s^vDPX*"), itertools.cycle(f"C{index}" for index in range(10))
         for m in self.in_process:
             axes.scatter([m.latency.inferences_per_s * m.batch], [m.latency.p50_ms], marker=next(markers), s=60,
-                         label=f"{m.candidate} {m.batch}×{m.sequence} (in process)")
-        lines = {}
+                         color=next(colours), label=f"{m.candidate} {m.batch}×{m.sequence} (in process)")
+        lines: dict[tuple, list[Served]] = {}
         for p in self.served.points if self.served else []:
-            lines.setdefault((p.configuration, p.batch, p.sequence), []).append(p)
-        for (configuration, batch, sequence), points in lines.items():
+            lines.setdefault((p.protocol, p.input, p.model, p.batch, p.sequence, p.dynamic_batching), []).append(p)
+        line_colours: dict[tuple, str] = {}
+        for (protocol, kind, model, batch, sequence, batching), points in lines.items():
             points.sort(key=lambda p: p.concurrency)
             x = [p.latency.inferences_per_s * p.batch for p in points]
             y = [p.latency.p50_ms for p in points]
-            axes.plot(x, y, marker="o", linestyle="-" if points[0].dynamic_batching else "--",
-                      label=f"{configuration} {batch}×{sequence}")
+            colour = line_colours.setdefault((protocol, kind, batch, sequence), next(colours))
+            axes.plot(x, y, marker="o", color=colour, linestyle="-" if batching else "--",
+                      label=f"{protocol} {kind}→{model} {batch}×{sequence}, batching {'on' if batching else 'off'}")
             for p, xi, yi in zip(points, x, y):
                 axes.annotate(str(p.concurrency), (xi, yi), textcoords="offset points", xytext=(3, 3), fontsize=7)
         axes.set_xscale("log")
         axes.set_yscale("log")
+        plain = FuncFormatter(lambda value, _: f"{value:g}")
         for axis in (axes.xaxis, axes.yaxis):
-            axis.set_major_formatter(ScalarFormatter())
+            axis.set_major_formatter(plain)
+            axis.set_minor_formatter(plain)
         axes.set_xlabel("throughput, sequences/s (log)")
         axes.set_ylabel("p50 latency, ms (log)")
         axes.set_title(f"{self.model}: latency against throughput (numbers: concurrent clients)")
@@ -1035,7 +1055,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", help="task for a model folder when it cannot be inferred")
     parser.add_argument("--build-dir", default=os.environ.get("PACKAGER_BUILD_DIR", "build"),
                         help="build folder to reuse, or to build into when the model has none (default: build)")
-    parser.add_argument("--reports-dir", default="reports", help="reports go to REPORTS_DIR/<model>/ (default: reports)")
+    parser.add_argument("--reports-dir", default="reports",
+                        help="reports go to REPORTS_DIR/<model>/ (default: reports)")
     grid = parser.add_argument_group("grid")
     grid.add_argument("--shapes", help="in-process batch x sequence list (default: 1 and the profile's opt batch, "
                                        "at its opt sequence, e.g. 1x128,8x128)")

@@ -52,7 +52,7 @@ def report(tiny_recipe_embeddings, build, tmp_path_factory):
 @pytest.mark.parametrize("tokens", [2, 3, 17, 32])
 def test_text_of_length_gives_exactly_that_many_tokens(loaded, tokens):
     text = bench.text_of_length(loaded.tokenizer, tokens)
-    assert bench.token_count(loaded.tokenizer, text) == tokens
+    assert bench.token_count(loaded.tokenizer, text, 64) == tokens
     assert tokens == 2 or text.strip()
 
 
@@ -244,7 +244,8 @@ def test_command_line_options():
     assert options.budget.passes == 1 and options.load == bench.LoadBudget(max_requests=5, seconds=0.5)
     for bad, message in [(["--shapes", "1x"], "--shapes"), (["--served-shapes", "0x8"], "--served-shapes"),
                          (["--concurrency", "0"], "--concurrency"), (["--concurrency", "a"], "--concurrency"),
-                         (["--protocols", "udp"], "--protocols")]:
+                         (["--protocols", "udp"], "--protocols"), (["--passes", "0"], "--passes"),
+                         (["--point-seconds", "0"], "--point-seconds"), (["--requests", "-1"], "--requests")]:
         with pytest.raises(UsageError, match=message):
             parse(*bad)
 
