@@ -178,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     _server_arguments(smoke_parser)
     smoke_parser.set_defaults(run=cmd_smoke)
 
+    from packager import bench  # noqa: PLC0415 - the bench subcommand's arguments live with its code
+    bench_parser = commands.add_parser("bench", help="benchmark PyTorch, ONNX Runtime and the served model",
+                                       description=bench.__doc__.splitlines()[0])
+    bench.add_arguments(bench_parser)
+    bench_parser.set_defaults(run=bench.run)
+
     listing = commands.add_parser("list", help="list the known model recipes")
     listing.set_defaults(run=cmd_list)
     return parser

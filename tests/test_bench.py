@@ -256,3 +256,10 @@ def test_grid_defaults_to_the_profile_and_stays_inside_it(tiny_recipe_embeddings
     assert shapes == [(4, 32), (1, 8)] and served == [(1, 8)]  # served shapes get their PyTorch baseline
     with pytest.raises(UsageError, match="shape 8x16 is outside the profile"):
         bench.BenchOptions(shapes=((8, 16),)).grid(tiny_recipe_embeddings)
+
+
+def test_packager_bench_subcommand():
+    from packager import cli
+
+    args = cli.build_parser().parse_args(["bench", "bert", "--served-shapes", "1x64", "--no-serve"])
+    assert args.run is bench.run and bench.options_from_args(args).served_shapes == ((1, 64),)
