@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUN := HF_HUB_OFFLINE=1 $(PY) -m packager
 
-.PHONY: venv package publish smoke list test clean
+.PHONY: venv package publish smoke bench list test clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ publish: $(STAMP)
 
 smoke: $(STAMP)
 	$(RUN) smoke $(MODEL) $(ARGS)
+
+bench: $(STAMP)
+	$(RUN) bench $(MODEL) $(ARGS)
 
 list: $(STAMP)
 	$(RUN) list
