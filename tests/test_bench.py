@@ -263,3 +263,9 @@ def test_packager_bench_subcommand():
 
     args = cli.build_parser().parse_args(["bench", "bert", "--served-shapes", "1x64", "--no-serve"])
     assert args.run is bench.run and bench.options_from_args(args).served_shapes == ((1, 64),)
+
+
+def test_best_peaks_keeps_the_highest_measurement_per_precision():
+    early = {"fp32": bench.Peak("fp32", 100.0, "a"), "int8": bench.Peak("int8", 500.0, "a")}
+    late = {"fp32": bench.Peak("fp32", 150.0, "b"), "int8": bench.Peak("int8", 400.0, "b")}
+    assert bench.best_peaks(early, late) == {"fp32": late["fp32"], "int8": early["int8"]}
