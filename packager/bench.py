@@ -67,6 +67,7 @@ PHASES = ("queue", "compute_input", "compute_infer", "compute_output")  # Triton
 ADMIN_TIMEOUT_S = 300.0  # statistics calls and the reloads that turn dynamic batching off
 PEAK_REPEATS = 5
 IN_PROCESS_COLOURS = ("black", "dimgray", "darkgoldenrod", "saddlebrown", "purple")  # the served lines use C0..C9
+SERVING_LAUNCHERS = ("local", "docker")  # launchers that serve the repository the bench publishes (not `url`)
 STATISTICS_READS, STATISTICS_INTERVAL_S = 20, 0.05  # until two reads agree
 
 Shape = tuple[int, int]  # batch, sequence
@@ -1078,6 +1079,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     grid.add_argument("--concurrency", default="1,2,4,8", help="concurrent clients per served point (default 1,2,4,8)")
     grid.add_argument("--protocols", default=",".join(smoke.PROTOCOLS), help="http,grpc (default: both)")
     grid.add_argument("--no-serve", action="store_true", help="in process only: no Triton server")
+    grid.add_argument("--launcher", choices=SERVING_LAUNCHERS, default="local",
+                      help="the Triton server: local (the nvidia-pytriton wheel's, python backend only) or docker "
+                           "(the NGC image, every backend; needs a docker daemon) (default: local)")
     limits = parser.add_argument_group("limits")
     limits.add_argument("--passes", type=int, default=Budget.passes, help="in-process interleaved passes (default 3)")
     limits.add_argument("--rounds", type=int, default=Budget.max_rounds, help="most rounds per pass (default 50)")
@@ -1101,6 +1105,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         load=LoadBudget(max_requests=args.requests, seconds=args.point_seconds),
         threads=args.threads,
         serve=not args.no_serve,
+        launcher=args.launcher,
         command=shlex.join(["python", *sys.orig_argv[1:]]),
     )
 

@@ -237,6 +237,7 @@ def parse(*argv: str) -> bench.BenchOptions:
 def test_command_line_options():
     default = parse()
     assert default.shapes is None and default.concurrency == (1, 2, 4, 8) and default.serve
+    assert default.launcher == "local" and parse("--launcher", "docker").launcher == "docker"
     options = parse("bert", "--shapes", "1x128, 8X64", "--served-shapes", "2x32", "--concurrency", "1,3",
                     "--protocols", "grpc", "--no-serve", "--passes", "1", "--requests", "5", "--point-seconds", "0.5")
     assert options.shapes == ((1, 128), (8, 64)) and options.served_shapes == ((2, 32),)
