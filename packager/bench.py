@@ -402,12 +402,12 @@ class InProcess:
 
 
 def graphs_of(build: pipeline.Build) -> list[Graph]:
-    """Every level of the build that passed its gate: plain is the export, the others levels/model.<level>.onnx."""
+    """Every level of the build that passed its gate."""
     graphs = []
     for level in build.record["optimize"]["levels"]:
         name = level["level"]
-        path = build.exported_path if name == "plain" else build.folder / "levels" / f"model.{name}.onnx"
-        if level["passed"] and path.exists():
+        path = build.level_path(name)
+        if level["passed"] and path and path.exists():
             graphs.append(Graph(name, path, describe_parity(level["parity"]), level["shipped"]))
     return graphs
 

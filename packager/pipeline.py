@@ -68,6 +68,11 @@ class Build:
     def shipped_path(self) -> Path:
         return self.folder / SHIPPED_FILE
 
+    def level_path(self, level: str) -> Path | None:
+        """The graph of an optimization level, when it was built."""
+        entry = next((e for e in self.record["optimize"]["levels"] if e["level"] == level), None)
+        return self.folder / entry["file"] if entry and entry.get("file") else None
+
     @property
     def shipped_tolerances(self) -> Tolerances:
         return Tolerances(**self.record["shipped_tolerances"])
@@ -135,7 +140,7 @@ def build(recipe: Recipe, options: BuildOptions) -> Build:
             "weights_sha256": loaded.weights_sha256,
             "device": device,
             "parity": [report.to_dict() for report in reports],
-            "optimize": optimized.to_dict(),
+            "optimize": _optimize_record(optimized, staging),
             "shipped_tolerances": dataclasses.asdict(optimize_config.tolerances[optimized.chosen.name]),
             "tensorrt": engine_record,
         }
@@ -152,6 +157,14 @@ def build(recipe: Recipe, options: BuildOptions) -> Build:
         say(table(["profile", "input", "min", "opt", "max"], engine.rows(), title="\nTensorRT optimization profiles"))
     say(f"\nbuild artifacts: {folder}")
     return Build(recipe, folder, exported.spec, record)
+
+
+def _optimize_record(optimized: optimize.OptimizeResult, staging: Path) -> dict:
+    """The optimize stage's record, each level with its graph's path inside the build folder."""
+    record = optimized.to_dict()
+    for entry, level in zip(record["levels"], optimized.levels):
+        entry["file"] = str(level.path.relative_to(staging)) if level.path else None
+    return record
 
 
 def _engine(exported, settings, validator, recipe, staging, options):
