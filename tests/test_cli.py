@@ -125,3 +125,16 @@ def test_a_recipe_name_that_could_leave_its_folder_is_refused(capsys, tmp_path, 
     assert code == 2
     assert_one_line_error(err, "invalid recipe name '../evil'")
     assert not (tmp_path / "evil").exists()
+
+
+def test_a_failed_live_smoke_publishes_nothing(capsys, tmp_path, tiny_bert_dir):
+    """Only the onnxruntime target: the local server (python backend only) can serve no ensemble of it."""
+    recipe = write_recipe(tmp_path / "tiny.toml", tiny_bert_dir)
+    code, out, err = run_cli(capsys, "package", str(recipe), "--build-dir", str(tmp_path / "build"),
+                             "--repository", str(tmp_path / "repo"), "--levels", "plain", "--trt-backend", "none",
+                             "--target", "onnxruntime")
+    assert code == 3
+    assert "not loadable on this server: backend onnxruntime missing" in out
+    assert "nothing was published" in out
+    assert_one_line_error(err, "live Triton smoke failed")
+    assert not (tmp_path / "repo").exists() or not any((tmp_path / "repo").iterdir())
