@@ -138,3 +138,19 @@ def test_a_failed_live_smoke_publishes_nothing(capsys, tmp_path, tiny_bert_dir):
     assert "nothing was published" in out
     assert_one_line_error(err, "live Triton smoke failed")
     assert not (tmp_path / "repo").exists() or not any((tmp_path / "repo").iterdir())
+
+
+def test_url_launcher_publishes_then_smokes_the_running_server(capsys, tmp_path, tiny_bert_dir):
+    from packager.triton.server import serve
+
+    recipe = write_recipe(tmp_path / "tiny.toml", tiny_bert_dir)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    with serve("local", repo, ready_timeout_s=60) as server:
+        code, out, _ = run_cli(capsys, "package", str(recipe), "--build-dir", str(tmp_path / "build"),
+                               "--repository", str(repo), "--levels", "plain", "--trt-backend", "none",
+                               "--target", "python", "--launcher", "url", "--url", server.http_url,
+                               "--grpc-url", server.grpc_url)
+    assert code == 0, out
+    assert out.index("published version 1") < out.index("Live smoke checks")
+    assert "text → PyTorch" in out and "FAIL" not in out
