@@ -14,6 +14,10 @@ from pathlib import Path
 import pytest
 
 from packager import bench, source
+from packager.bench.flops import Peak, best_peaks, measure_peaks, model_flops
+from packager.bench.in_process import PYTORCH, graphs_of, interleaved, measure_in_process
+from packager.bench.served import PHASES, closed_loop
+from packager.bench.workload import make_workload, text_of_length, token_count
 from packager.errors import PackagerError, UsageError
 from packager.tasks import get_task
 
@@ -51,13 +55,13 @@ def report(tiny_recipe_embeddings, build, tmp_path_factory):
 
 @pytest.mark.parametrize("tokens", [2, 3, 17, 32])
 def test_text_of_length_gives_exactly_that_many_tokens(loaded, tokens):
-    text = bench.text_of_length(loaded.tokenizer, tokens)
-    assert bench.token_count(loaded.tokenizer, text, 64) == tokens
+    text = text_of_length(loaded.tokenizer, tokens)
+    assert token_count(loaded.tokenizer, text, 64) == tokens
     assert tokens == 2 or text.strip()
 
 
 def test_workload_tokens_are_what_the_served_tokenizer_gives(loaded, build, tiny_recipe_embeddings):
-    workload = bench.make_workload(loaded.tokenizer, build.spec, 4, 32)
+    workload = make_workload(loaded.tokenizer, build.spec, 4, 32)
     assert workload.shape == "4x32" and len(workload.texts) == 4
     assert all(value.shape == (4, 32) for value in workload.tensors.values())
     lengths = workload.tensors["attention_mask"].sum(axis=1)
@@ -80,19 +84,19 @@ def tiny_bert_flops(batch: int, sequence: int, hidden: int = 32, intermediate: i
 
 def test_flops_of_plain_and_fused_graphs_match_the_architecture(build):
     shapes = [(1, 16), (3, 32)]
-    plain = bench.model_flops(build.exported_path, build.spec, shapes)
-    fused = bench.model_flops(build.folder / "levels" / "model.fused.onnx", build.spec, shapes)
+    plain = model_flops(build.exported_path, build.spec, shapes)
+    fused = model_flops(build.folder / "levels" / "model.fused.onnx", build.spec, shapes)
     assert plain == fused == {shape: tiny_bert_flops(*shape) for shape in shapes}
 
 
 def test_flops_need_concrete_shapes(build, tmp_path):
     with pytest.raises(PackagerError, match="cannot infer the shapes of model.int8.onnx"):
-        bench.model_flops(build.folder / "levels" / "model.int8.onnx", build.spec, [TINY_SHAPE])
+        model_flops(build.folder / "levels" / "model.int8.onnx", build.spec, [TINY_SHAPE])
     assert not list(Path.cwd().glob("sym_shape_infer_temp*"))  # its failure leaves nothing in the working directory
 
 
 def test_peaks_are_measured_per_precision():
-    peaks = bench.measure_peaks(threads=1, size=128, repeats=2)
+    peaks = measure_peaks(threads=1, size=128, repeats=2)
     assert set(peaks) == {"fp32", "int8"}
     assert all(peak.gflops > 0 and "128x128" in peak.method for peak in peaks.values())
 
@@ -103,26 +107,26 @@ def test_peaks_are_measured_per_precision():
 def test_interleaved_measures_round_robin_within_its_budget():
     calls: list[str] = []
     candidates = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
-    timings = bench.interleaved(candidates, bench.Budget(warmup=2, max_rounds=4, seconds=60, passes=1))
+    timings = interleaved(candidates, bench.Budget(warmup=2, max_rounds=4, seconds=60, passes=1))
     assert calls[:6] == ["a", "a", "b", "b", "c", "c"]  # warmup, not timed
     assert calls[6:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]  # rotated each round
     assert {name: len(t.samples_ms) for name, t in timings.items()} == {"a": 4, "b": 4, "c": 4}
-    slow = bench.interleaved({"sleep": lambda: time.sleep(0.02)}, bench.Budget(warmup=0, max_rounds=1000, seconds=0.05))
+    slow = interleaved({"sleep": lambda: time.sleep(0.02)}, bench.Budget(warmup=0, max_rounds=1000, seconds=0.05))
     assert 2 <= len(slow["sleep"].samples_ms) < 10  # the time budget ends the pass long before max_rounds
 
 
 def test_measure_in_process_reports_every_gated_level_against_pytorch(build, loaded):
-    graphs = bench.graphs_of(build)
+    graphs = graphs_of(build)
     assert [(g.level, g.precision) for g in graphs] == [("plain", "fp32"), ("fused", "fp32"), ("int8", "int8")]
     assert [g.shipped for g in graphs] == [False, False, True] and graphs[0].path == build.exported_path
     wrapper = get_task(build.recipe.task).wrapper(loaded.model, build.spec.input_names).eval()
-    workloads = [bench.make_workload(loaded.tokenizer, build.spec, *shape) for shape in [(1, 16), (2, 32)]]
+    workloads = [make_workload(loaded.tokenizer, build.spec, *shape) for shape in [(1, 16), (2, 32)]]
     budget = bench.Budget(warmup=1, max_rounds=3, seconds=5, passes=2)
-    measurements = bench.measure_in_process(wrapper, build.spec, graphs, workloads, budget, threads=1)
-    candidates = [bench.PYTORCH, "onnxruntime plain", "onnxruntime fused", "onnxruntime int8"]
+    measurements = measure_in_process(wrapper, build.spec, graphs, workloads, budget, threads=1)
+    candidates = [PYTORCH, "onnxruntime plain", "onnxruntime fused", "onnxruntime int8"]
     assert [(m.candidate, m.batch, m.sequence) for m in measurements] == [
         (c, b, s) for b, s in [(1, 16), (2, 32)] for c in candidates]
-    assert all(m.speedup == 1.0 and m.parity == "reference" for m in measurements if m.candidate == bench.PYTORCH)
+    assert all(m.speedup == 1.0 and m.parity == "reference" for m in measurements if m.candidate == PYTORCH)
     assert all(m.latency.requests == 6 and m.latency.p50_ms > 0 and m.threads == 1 for m in measurements)
     int8 = next(m for m in measurements if m.candidate == "onnxruntime int8")
     assert int8.parity.startswith("cosine ") and int8.parity.endswith("(shipped)")
@@ -144,7 +148,7 @@ def test_closed_loop_stops_at_its_request_budget_after_a_checked_warmup():
     calls: list = []
     ready: list[int] = []
     budget = bench.LoadBudget(warmup=2, max_requests=10, seconds=60)
-    latencies, seconds = bench.closed_loop(lambda: counting_client(calls), 3, budget, lambda: ready.append(len(calls)))
+    latencies, seconds = closed_loop(lambda: counting_client(calls), 3, budget, lambda: ready.append(len(calls)))
     assert ready == [6]  # when_ready runs once, after every client's warmup
     assert sum(check for _, check in calls) == 6 and len(calls) == 16 and len(latencies) == 10
     assert len({thread for thread, _ in calls}) == 3 and 0 < seconds < 60
@@ -153,7 +157,7 @@ def test_closed_loop_stops_at_its_request_budget_after_a_checked_warmup():
 def test_closed_loop_raises_the_first_client_error():
     calls: list = []
     with pytest.raises(PackagerError, match="a benchmark request failed: the server said no"):
-        bench.closed_loop(lambda: counting_client(calls, fail_at=5), 2, bench.LoadBudget(warmup=1, max_requests=100,
+        closed_loop(lambda: counting_client(calls, fail_at=5), 2, bench.LoadBudget(warmup=1, max_requests=100,
                                                                                            seconds=60))
     assert len(calls) < 100
 
@@ -182,7 +186,7 @@ def test_report_files_and_json_structure(report, tiny_recipe_embeddings):
     assert data["model"] == tiny_recipe_embeddings.name and data["command"] == "pytest tiny bench"
     assert data["flops"] == {"1x16": tiny_bert_flops(*TINY_SHAPE)} and set(data["peaks"]) == {"fp32", "int8"}
     assert [row["candidate"] for row in data["in_process"]] == [
-        bench.PYTORCH, "onnxruntime plain", "onnxruntime fused", "onnxruntime int8"]
+        PYTORCH, "onnxruntime plain", "onnxruntime fused", "onnxruntime int8"]
     row_keys = {"latency", "p50_vs_pytorch", "throughput_vs_pytorch", "gflops_per_s", "percent_of_peak",
                 "sequences_per_s"}
     assert all(row_keys <= set(row) for row in data["in_process"] + data["served"]["points"])
@@ -206,7 +210,7 @@ def test_served_points_cover_the_grid_with_server_statistics(report, tiny_recipe
         # Triton counted exactly the timed requests: the warmup came before the first statistics snapshot.
         assert times[point.model].requests == point.latency.requests
         assert all(times[step].requests == point.latency.requests for step in point.steps)
-        assert all(point.phase_ms(phase) > 0 for phase in bench.PHASES)
+        assert all(point.phase_ms(phase) > 0 for phase in PHASES)
         if point.input == "text":
             assert point.steps == (f"{name}_tokenizer", f"{name}_onnx_python")
         if not point.dynamic_batching:
@@ -267,6 +271,6 @@ def test_packager_bench_subcommand():
 
 
 def test_best_peaks_keeps_the_highest_measurement_per_precision():
-    early = {"fp32": bench.Peak("fp32", 100.0, "a"), "int8": bench.Peak("int8", 500.0, "a")}
-    late = {"fp32": bench.Peak("fp32", 150.0, "b"), "int8": bench.Peak("int8", 400.0, "b")}
-    assert bench.best_peaks(early, late) == {"fp32": late["fp32"], "int8": early["int8"]}
+    early = {"fp32": Peak("fp32", 100.0, "a"), "int8": Peak("int8", 500.0, "a")}
+    late = {"fp32": Peak("fp32", 150.0, "b"), "int8": Peak("int8", 400.0, "b")}
+    assert best_peaks(early, late) == {"fp32": late["fp32"], "int8": early["int8"]}

@@ -1,0 +1,322 @@
+"""Served: the build published into a temporary repository on the launcher's Triton server, measured with
+closed-loop clients over HTTP and gRPC, dynamic batching on and off, with Triton's own server-side breakdown."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, closing, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from packager import pipeline, render, repository
+from packager.bench.in_process import Latency, Timing
+from packager.bench.options import BenchOptions, LoadBudget
+from packager.bench.workload import Workload
+from packager.console import say
+from packager.errors import PackagerError
+from packager.triton import smoke
+from packager.triton.server import TritonServer, available_backends, serve
+from packager.validate import Inputs
+
+PHASES = ("queue", "compute_input", "compute_infer", "compute_output")  # Triton's per-request server-side times
+ADMIN_TIMEOUT_S = 300.0  # statistics calls and the reloads that turn dynamic batching off
+STATISTICS_READS, STATISTICS_INTERVAL_S = 20, 0.05  # until two reads agree
+
+
+@dataclass(frozen=True)
+class ServerTimes:
+    """Triton's statistics for one model over one point: per-request averages of each phase."""
+
+    model: str
+    requests: int
+    inferences: int
+    executions: int
+    total_ms: float  # request received to response sent
+    queue_ms: float
+    compute_input_ms: float
+    compute_infer_ms: float
+    compute_output_ms: float
+
+    @property
+    def average_batch(self) -> float | None:
+        """Inferences per execution: above 1 when the dynamic batcher joined requests (None for an ensemble)."""
+        return self.inferences / self.executions if self.executions else None
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        return data | ({"average_batch": self.average_batch} if self.average_batch else {})
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """What a client calls: an ensemble (text in) or a model (tensors in), and the models its time is spent in."""
+
+    model: smoke.Model
+    steps: tuple[str, ...]  # the ensemble's steps, or the model itself
+
+    @property
+    def input(self) -> str:
+        return "text" if self.model.role is smoke.Role.ENSEMBLE else "tensors"
+
+    def request(self, workload: Workload) -> Inputs:
+        if self.model.role is smoke.Role.ENSEMBLE:
+            return {self.model.text_input.name: np.array([[text.encode()] for text in workload.texts], dtype=object)}
+        return workload.tensors
+
+
+@dataclass(frozen=True)
+class Served:
+    protocol: str
+    model: str
+    input: str  # text (through the ensemble) or tensors (the model directly)
+    dynamic_batching: bool
+    batch: int
+    sequence: int
+    concurrency: int
+    latency: Latency
+    server: tuple[ServerTimes, ...]  # the endpoint, then its steps (for an ensemble)
+    steps: tuple[str, ...]
+
+    @property
+    def configuration(self) -> str:
+        return f"triton {self.protocol} {self.input}→{self.model} batching {'on' if self.dynamic_batching else 'off'}"
+
+    def phase_ms(self, phase: str) -> float:
+        """A server-side phase per request, summed over the models the request runs through."""
+        return sum(getattr(times, f"{phase}_ms") for times in self.server if times.model in self.steps)
+
+    @property
+    def average_batch(self) -> float | None:
+        """Of the last step (the model behind an ensemble's tokenizer)."""
+        return next((t.average_batch for t in self.server if t.model == self.steps[-1]), None)
+
+
+@dataclass(frozen=True)
+class ServedResult:
+    points: list[Served]
+    not_served: dict[str, str]  # model -> why (e.g. its backend is missing on this server)
+    server_version: str
+    shipped_level: str
+
+
+def endpoints_of(models: Sequence[smoke.Model]) -> list[Endpoint]:
+    """Every loaded ensemble and model that takes requests (the tokenizer is measured as an ensemble's step)."""
+    ends = [Endpoint(model, tuple(model.steps)) for model in models if model.role is smoke.Role.ENSEMBLE]
+    return ends + [Endpoint(model, (model.name,)) for model in models if model.role is smoke.Role.MODEL]
+
+
+def publish_build(build: pipeline.Build, tokenizer, folder: Path) -> Path:
+    """The build's Triton models (the shipped graph; no TensorRT plan) rendered and published as version 1."""
+    recipe = build.recipe
+    serving = render.ServingConfig.from_recipe(recipe)
+    models = render.render_repository(recipe, build.spec, serving, render.Artifacts(build.shipped_path, tokenizer))
+    manifest = repository.build_manifest(recipe, build.spec, build.record["weights_sha256"], build.record["parity"])
+    repository.publish(folder, models, manifest, version=1)
+    return folder
+
+
+def measure_served(repository_root: Path, workloads: Sequence[Workload], options: BenchOptions,
+                   shipped_level: str) -> ServedResult:
+    """Serve the repository, then measure every point: batching on, then reloaded without, each protocol, endpoint,
+    workload and client count."""
+    with serve(options.launcher, repository_root) as server:
+        found, rows = smoke.load_servable(server, repository_root, backends=available_backends(options.launcher))
+        failed = [row for row in rows if row.status is smoke.Status.FAIL]
+        if failed:
+            raise PackagerError(f"Triton could not load {failed[0].model}: {failed[0].detail}")
+        loaded = [found[row.model] for row in rows if row.status is smoke.Status.PASS]
+        endpoints = endpoints_of(loaded)
+        if not endpoints:
+            raise PackagerError(f"{options.launcher} Triton can serve none of {', '.join(found)}")
+        points = []
+        with _admin(server) as admin:
+            version = admin.get_server_metadata()["version"]
+            for batching in (True, False):
+                if not batching:
+                    _turn_off_dynamic_batching(admin, loaded)
+                for protocol, endpoint, workload, clients in itertools.product(
+                        options.protocols, endpoints, workloads, options.concurrency):
+                    points.append(measure_point(server, admin, smoke.PROTOCOLS[protocol], endpoint, workload,
+                                                clients, batching, options.load))
+                    say(f"    {points[-1].configuration} {workload.shape} x{clients}: "
+                        f"p50 {points[-1].latency.p50_ms:.1f} ms, {points[-1].latency.inferences_per_s:.1f} inf/s")
+    not_served = {row.model: row.detail for row in rows if row.status is smoke.Status.SKIP}
+    return ServedResult(points, not_served, version, shipped_level)
+
+
+@contextmanager
+def _admin(server: TritonServer) -> Iterator[httpclient.InferenceServerClient]:
+    """The HTTP client for statistics and reloads, closed on exit (an open one delays the server's shutdown)."""
+    with closing(httpclient.InferenceServerClient(server.http_url, network_timeout=ADMIN_TIMEOUT_S)) as client:
+        yield client
+
+
+def _turn_off_dynamic_batching(admin: httpclient.InferenceServerClient, models: Sequence[smoke.Model]) -> None:
+    """Reload every model that batches dynamically with its served config minus dynamic_batching (Triton's
+    load-time config override; the repository on disk is left as it is)."""
+    for model in models:
+        if not model.batches_dynamically:
+            continue
+        config = admin.get_model_config(model.name)
+        config.pop("dynamic_batching", None)
+        try:
+            admin.load_model(model.name, config=json.dumps(config))
+        except InferenceServerException as exc:
+            raise PackagerError(f"reloading {model.name} without dynamic batching failed: {exc.message()}") from None
+        if "dynamic_batching" in admin.get_model_config(model.name):
+            raise PackagerError(f"{model.name} still batches dynamically after its reload")
+
+
+def measure_point(
+    server: TritonServer, admin: httpclient.InferenceServerClient, protocol: smoke.Protocol, endpoint: Endpoint,
+    workload: Workload, concurrency: int, batching: bool, budget: LoadBudget,
+) -> Served:
+    """`concurrency` closed-loop clients, each with its own connection; Triton's statistics are read after the
+    clients' warmup (which checks the answers) and after the last request."""
+    model = endpoint.model
+    names = (model.name, *endpoint.steps) if model.role is smoke.Role.ENSEMBLE else endpoint.steps
+    inputs = endpoint.request(workload)
+    before: dict[str, dict[str, int]] = {}
+
+    @contextmanager
+    def connect() -> Iterator[Callable[[bool], None]]:
+        with closing(smoke.Client(protocol, protocol.address(server))) as client:
+            yield _call(client, model, inputs, workload.batch)
+
+    latencies, seconds = closed_loop(connect, concurrency, budget, lambda: before.update(_settled(admin, names)))
+    after = _settled(admin, names)
+    times = tuple(_server_times(name, before[name], after[name]) for name in names)
+    samples = Timing(tuple(latencies))
+    latency = Latency(len(latencies), samples.median_ms, samples.percentile_ms(90), samples.percentile_ms(99),
+                      len(latencies) / seconds)
+    return Served(protocol.name, model.name, endpoint.input, batching, workload.batch, workload.sequence, concurrency,
+                  latency, times, endpoint.steps)
+
+
+def _call(client: smoke.Client, model: smoke.Model, inputs: Inputs, rows: int) -> Callable[[bool], None]:
+    """One request with prepared tensors; when checked, every output must come back with `rows` rows."""
+    tensors, outputs = client.request(inputs, model.output_names)
+
+    def call(check: bool) -> None:
+        result = client.raw.infer(model.name, tensors, outputs=outputs)
+        if check:
+            for name in model.output_names:
+                answer = result.as_numpy(name)
+                if answer is None or answer.shape[0] != rows:
+                    raise PackagerError(f"{model.name} answered '{name}' with shape "
+                                        f"{None if answer is None else answer.shape}, expected {rows} rows")
+
+    return call
+
+
+def closed_loop(
+    connect: Callable[[], AbstractContextManager[Callable[[bool], None]]], concurrency: int, budget: LoadBudget,
+    when_ready: Callable[[], None] = lambda: None,
+) -> tuple[list[float], float]:
+    """`concurrency` threads, each with its own connection (`connect` yields a `call(check)`; tritonclient's HTTP
+    client cannot change threads), warm up (checked calls), then `when_ready` runs and all are released together to
+    call in a loop until `max_requests` in all or `seconds` have passed.
+
+    Returns the latencies (ms) and the seconds from the release to the last completion. The first error of any
+    thread stops every thread and is raised here.
+    """
+    lock = threading.Lock()
+    ready, go = threading.Barrier(concurrency + 1), threading.Barrier(concurrency + 1)
+    issued, latencies, errors, deadline = [0], [], [], [math.inf]
+
+    def loop(call: Callable[[bool], None]) -> None:
+        while not errors:
+            with lock:
+                if issued[0] >= budget.max_requests or time.perf_counter() > deadline[0]:
+                    return
+                issued[0] += 1
+            began = time.perf_counter()
+            call(False)
+            with lock:
+                latencies.append((time.perf_counter() - began) * 1000)
+
+    def worker() -> None:
+        try:
+            with connect() as call:
+                for _ in range(budget.warmup):
+                    call(True)
+                ready.wait(smoke.REQUEST_TIMEOUT_S)
+                go.wait(smoke.REQUEST_TIMEOUT_S)
+                loop(call)
+        except threading.BrokenBarrierError:
+            pass  # another thread failed first
+        except Exception as exc:  # noqa: BLE001 - whatever a client thread meets is raised in the caller
+            errors.append(exc)
+            ready.abort()
+            go.abort()
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    try:
+        ready.wait(smoke.REQUEST_TIMEOUT_S * (budget.warmup + 1))
+        when_ready()
+        began = time.perf_counter()
+        deadline[0] = began + budget.seconds
+        go.wait(smoke.REQUEST_TIMEOUT_S)
+    except threading.BrokenBarrierError:
+        began = time.perf_counter()
+    for thread in threads:
+        thread.join(max(0.0, began + budget.seconds + smoke.REQUEST_TIMEOUT_S - time.perf_counter()))
+    seconds = time.perf_counter() - began
+    if errors:
+        raise PackagerError(f"a benchmark request failed: {_error_text(errors[0])}")
+    if any(thread.is_alive() for thread in threads) or not latencies:
+        raise PackagerError(f"benchmark clients did not finish within {smoke.REQUEST_TIMEOUT_S:.0f} s of their time")
+    return latencies, seconds
+
+
+def _error_text(error: Exception) -> str:
+    message = error.message() if isinstance(error, InferenceServerException) else str(error)
+    return " ".join((message or type(error).__name__).split())
+
+
+def _settled(admin: httpclient.InferenceServerClient, names: Sequence[str]) -> dict[str, dict[str, int]]:
+    """The statistics once they stop changing: Triton counts a request just after its response is sent."""
+    current = _statistics(admin, names)
+    for _ in range(STATISTICS_READS):
+        time.sleep(STATISTICS_INTERVAL_S)
+        again = _statistics(admin, names)
+        if again == current:
+            break
+        current = again
+    return current
+
+
+def _statistics(admin: httpclient.InferenceServerClient, names: Sequence[str]) -> dict[str, dict[str, int]]:
+    """Cumulative counters per model (all served versions summed)."""
+    counters = {}
+    for name in names:
+        total: dict[str, int] = {}
+        for version in admin.get_inference_statistics(name)["model_stats"]:
+            stats = version["inference_stats"]
+            values = {"requests": stats["success"]["count"], "total": stats["success"]["ns"],
+                      "inferences": version["inference_count"], "executions": version["execution_count"],
+                      **{phase: stats[phase]["ns"] for phase in PHASES}}
+            total = {key: total.get(key, 0) + int(value) for key, value in values.items()}
+        counters[name] = total
+    return counters
+
+
+def _server_times(name: str, before: dict[str, int], after: dict[str, int]) -> ServerTimes:
+    delta = {key: after[key] - before.get(key, 0) for key in after}
+    requests = delta["requests"]
+    if requests <= 0:
+        raise PackagerError(f"Triton's statistics show no request to {name} during the measurement")
+    per_request = {f"{key}_ms": delta[key] / requests / 1e6 for key in ("total", *PHASES)}
+    return ServerTimes(name, requests, delta["inferences"], delta["executions"], **per_request)
