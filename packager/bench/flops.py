@@ -48,7 +48,7 @@ def model_flops(path: Path, spec: IOSpec, shapes: Sequence[Shape]) -> dict[Shape
                 if dim.dim_param in (BATCH, SEQUENCE):
                     dim.dim_value = batch if dim.dim_param == BATCH else sequence
         try:
-            with _working_directory(tempfile.mkdtemp(prefix="flops.")) as scratch:  # a failed inference saves there
+            with _working_directory(tempfile.mkdtemp(prefix="flops.")):  # a failed inference saves there
                 inferred = SymbolicShapeInference.infer_shapes(fixed, auto_merge=True)
         except Exception as exc:  # the inference raises bare Exceptions
             raise PackagerError(f"cannot infer the shapes of {path.name} at {batch}x{sequence}: {first_line(exc)}") \
