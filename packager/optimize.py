@@ -10,7 +10,10 @@ activation ranges meet BERT's outlier channels, see ../shared/notes/export-and-s
 1. smoothing: each quantized MatMul/Attention input is divided per channel by s (a Mul node) and the weight rows
    multiplied by s, exact in fp32; s = max|x|^a / max|w|^(1-a), with x measured on CALIBRATION_TEXTS (not the
    validation text) and a chosen per node by the simulated quantization error;
-2. if the gate still fails, the nodes whose quantization alone hurts most on the validation text stay fp32, one
+2. if the gate still fails, the MatMuls whose quantization alone hurts most on the validation text get a weight
+   residual (a second int8 MatMul on w - dequantized(quantized(w)), added to the first: the weight's int8 error
+   is gone at about twice the int8 cost of the node), one more at a time, up to `max_residual_nodes`;
+3. if that is not enough, the most sensitive nodes stay fp32 instead (about 4x the int8 cost of the node), one
    more at a time, up to `max_fp32_nodes`.
 """
 
@@ -84,6 +87,7 @@ SMOOTHING_ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 class Int8Settings:
     per_channel: bool = True  # per-output-channel weight scales (worst cosine 0.95 vs 0.85 per-tensor on MiniLM)
     smooth: bool = True
+    max_residual_nodes: int = 4  # most MatMul nodes the search may give a weight residual (tried first: cheaper)
     max_fp32_nodes: int = 4  # most MatMul/Attention nodes the search may keep in fp32
 
 
@@ -123,7 +127,7 @@ def parse_config(recipe: Recipe) -> OptimizeConfig:
     return OptimizeConfig(levels, tolerances, int8, expect)
 
 
-INT8_SETTING_TYPES = {"per_channel": bool, "smooth": bool, "max_fp32_nodes": int}
+INT8_SETTING_TYPES = {"per_channel": bool, "smooth": bool, "max_residual_nodes": int, "max_fp32_nodes": int}
 
 
 def _level_tolerances(recipe: Recipe, name: str, table: dict, where: str) -> Tolerances:
@@ -414,9 +418,9 @@ def _build_int8(context: BuildContext) -> Built:
     path = quantize_int8(model, context.output("int8"), settings.per_channel)
     report = _gate_int8(context, path)
     if not report.passed:
-        kept, report = _search_fp32_nodes(context, model, path, report)
-        notes.append(f"kept {len(kept)} most sensitive node(s) in fp32: {', '.join(kept)}" if report.passed
-                     else f"failed the gate with up to {len(kept)} node(s) kept in fp32")
+        remedy, chosen, report = _search_remedies(context, model, path, report)
+        done = REMEDIES[remedy].done.format(count=len(chosen))
+        notes.append(f"{done}: {', '.join(chosen)}" if report.passed else f"failed the gate with up to {done}")
     return Built(path, source.fusions, tuple(notes), report)
 
 
@@ -442,33 +446,110 @@ def quantize_int8(model: onnx.ModelProto, path: Path, per_channel: bool, exclude
     return path
 
 
-def _search_fp32_nodes(
+def _search_remedies(
     context: BuildContext, model: onnx.ModelProto, path: Path, report: ParityReport
-) -> tuple[list[str], ParityReport]:
-    """Keep the most sensitive nodes in fp32, one more at a time up to max_fp32_nodes, until the gate passes.
+) -> tuple[str, list[str], ParityReport]:
+    """Apply each remedy (REMEDIES, cheapest first) to the most sensitive nodes, one more at a time up to its
+    limit, until the gate passes. Returns the remedy, the nodes it was applied to and the last gate report.
 
     A node's sensitivity is how far the task metric output moves (SENSITIVITY) when only that node is quantized,
-    on the validation batch at the profile's opt shape. Returns the nodes kept and the last gate report.
+    on the validation batch at the profile's opt shape.
     """
     settings = context.config.int8
-    if not settings.max_fp32_nodes:
-        return [], report
+    chosen: list[str] = []
+    remedies = [name for name, remedy in REMEDIES.items() if getattr(settings, remedy.limit)]
+    if not remedies:
+        return "fp32", chosen, report
+    order = _sensitivity_order(context, model)
+    for name in remedies:
+        remedy = REMEDIES[name]
+        candidates = [node for node in order if remedy.applies(model, node)][: getattr(settings, remedy.limit)]
+        for count in range(1, len(candidates) + 1):
+            chosen = candidates[:count]
+            report = _gate_int8(context, remedy.build(model, path, settings.per_channel, chosen))
+            if report.passed:
+                return name, chosen, report
+    return name, chosen, report
+
+
+def _sensitivity_order(context: BuildContext, model: onnx.ModelProto) -> list[str]:
+    """The int8 nodes, most sensitive first (see _search_remedies)."""
     probe = _opt_shape_validator(context.validator)
     scratch = context.work_dir / "int8-probe.onnx"
     sensitivity = {}
     for node in _int8_nodes(model):
-        quantize_int8(model, scratch, settings.per_channel, only=[node])
+        quantize_int8(model, scratch, context.config.int8.per_channel, only=[node])
         moved = probe.check("int8-probe", onnxruntime_runner(scratch, context.exported.spec)).summary()["outputs"]
         sensitivity[node] = SENSITIVITY[context.task.metric](moved[context.task.metric_output])
     scratch.unlink(missing_ok=True)
-    order = sorted(sensitivity, key=sensitivity.get, reverse=True)
-    kept: list[str] = []
-    for node in order[: settings.max_fp32_nodes]:
-        kept.append(node)
-        report = _gate_int8(context, quantize_int8(model, path, settings.per_channel, exclude=kept))
-        if report.passed:
-            break
-    return kept, report
+    return sorted(sensitivity, key=sensitivity.get, reverse=True)
+
+
+def _with_weight_residuals(model: onnx.ModelProto, path: Path, per_channel: bool, nodes: list[str]) -> Path:
+    """Quantize a copy of `model` in which each of `nodes` (MatMuls) has a weight residual (see add_weight_residuals)."""
+    refined = onnx.ModelProto()
+    refined.CopyFrom(model)
+    add_weight_residuals(refined, nodes, per_channel)
+    return quantize_int8(refined, path, per_channel)
+
+
+def _with_fp32_nodes(model: onnx.ModelProto, path: Path, per_channel: bool, nodes: list[str]) -> Path:
+    return quantize_int8(model, path, per_channel, exclude=nodes)
+
+
+def add_weight_residuals(model: onnx.ModelProto, nodes: list[str], per_channel: bool) -> None:
+    """In place: split each MatMul x @ w in `nodes` into x @ (w - r) + x @ r, r = w - dequantized(int8(w)).
+
+    Exact in fp32. The int8 weight scales are the quantizer's (symmetric, max|w| / 127 per output column, or per
+    tensor), so w - r quantizes without error and the sum of both int8 products carries the weight's quantization
+    error only to the second order.
+    """
+    initializers = {init.name: init for init in model.graph.initializer}
+    nodes_out = []
+    for node in model.graph.node:
+        nodes_out.append(node)
+        if node.name not in nodes:
+            continue
+        weight = numpy_helper.to_array(initializers[node.input[1]])
+        residual = int8_weight_residual(weight, per_channel)
+        residual_name, partial, output = f"{node.name}_weight_residual", f"{node.name}_main", node.output[0]
+        # w - r is int8(w) dequantized: it quantizes to the same int8 weight, and the sum stays exact in fp32
+        initializers[node.input[1]].CopyFrom(numpy_helper.from_array(weight - residual, node.input[1]))
+        model.graph.initializer.append(numpy_helper.from_array(residual, residual_name))
+        node.output[0] = partial
+        nodes_out += [
+            helper.make_node("MatMul", [node.input[0], residual_name], [f"{residual_name}_product"], name=f"{residual_name}_MatMul"),
+            helper.make_node("Add", [partial, f"{residual_name}_product"], [output], name=f"{residual_name}_Add"),
+        ]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes_out)
+
+
+def int8_weight_residual(weight: np.ndarray, per_channel: bool) -> np.ndarray:
+    """w - dequantized(symmetric int8 w), per output column (the last axis) or per tensor."""
+    peak = np.abs(weight).max(axis=0, keepdims=True) if per_channel else np.abs(weight).max()
+    step = np.maximum(peak, 1e-12) / 127
+    return (weight - np.round(weight / step) * step).astype(np.float32)
+
+
+def _is_matmul(model: onnx.ModelProto, name: str) -> bool:
+    return next(node.op_type for node in model.graph.node if node.name == name) == "MatMul"
+
+
+@dataclass(frozen=True)
+class Remedy:
+    limit: str  # the Int8Settings field with the most nodes it may be applied to
+    applies: Callable[[onnx.ModelProto, str], bool]
+    build: Callable[[onnx.ModelProto, Path, bool, list[str]], Path]
+    done: str  # how the note says it was applied to {count} nodes
+
+
+# Cheapest first (measured on MiniLM, 8x128: a weight residual costs about one more int8 MatMul, fp32 about four).
+REMEDIES: dict[str, Remedy] = {
+    "residual": Remedy("max_residual_nodes", _is_matmul, _with_weight_residuals,
+                       "{count} most sensitive node(s) given a weight residual"),
+    "fp32": Remedy("max_fp32_nodes", lambda _model, _node: True, _with_fp32_nodes, "{count} most sensitive node(s) kept in fp32"),
+}
 
 
 def _opt_shape_validator(validator: Validator) -> Validator:
