@@ -3,7 +3,7 @@
 Levels (LEVELS): `plain` (the export itself), `fused` (ONNX Runtime's transformer optimizer: Attention,
 EmbedLayerNormalization, SkipLayerNormalization, BiasGelu), `int8` (dynamic quantization of the fused graph, for
 CPU) and `fp16` (the fused graph in fp16, for GPU). The shipped level is the first that passes its gate in the
-device's known speed order (SPEED_ORDER); the benchmark (packager/bench.py) measures the real ratios.
+device's known speed order (SPEED_ORDER); the benchmark (packager/bench/) measures the real ratios.
 
 int8 needs more than `quantize_dynamic` to keep the sentence-embedding cosine at 0.99 on real text (per-tensor
 activation ranges meet BERT's outlier channels, see ../shared/notes/export-and-speed.md):
