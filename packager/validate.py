@@ -51,6 +51,13 @@ class ValidationBatch:
     def shape(self) -> str:
         return f"{self.batch}x{self.sequence}"
 
+    @classmethod
+    def of(cls, texts: list[str] | tuple[str, ...], inputs: Inputs) -> "ValidationBatch":
+        """The batch of `texts` tokenized as `inputs`; without an attention mask every position is real."""
+        batch, sequence = next(iter(inputs.values())).shape
+        mask = inputs["attention_mask"] if "attention_mask" in inputs else np.ones((batch, sequence), np.int64)
+        return cls(batch, sequence, tuple(texts), inputs, mask)
+
 
 def tokenize(tokenizer: PreTrainedTokenizerBase, spec: IOSpec, texts: list[str], sequence: int) -> Inputs:
     """Tokenize to exactly `sequence` tokens (truncate and pad), in the IO spec's names and dtypes."""
@@ -70,9 +77,7 @@ def make_batches(tokenizer: PreTrainedTokenizerBase, spec: IOSpec, profile: Prof
         (b, s) for b in profile.batch.values() for s in profile.sequence.values()
     ):
         texts = tuple(VALIDATION_TEXTS[(index + row) % len(VALIDATION_TEXTS)] for row in range(batch))
-        inputs = tokenize(tokenizer, spec, list(texts), sequence)
-        mask = inputs["attention_mask"] if "attention_mask" in inputs else np.ones((batch, sequence), np.int64)
-        batches.append(ValidationBatch(batch, sequence, texts, inputs, mask))
+        batches.append(ValidationBatch.of(texts, tokenize(tokenizer, spec, list(texts), sequence)))
     return batches
 
 

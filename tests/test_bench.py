@@ -63,13 +63,13 @@ def test_text_of_length_gives_exactly_that_many_tokens(loaded, tokens):
 def test_workload_tokens_are_what_the_served_tokenizer_gives(loaded, build, tiny_recipe_embeddings):
     workload = make_workload(loaded.tokenizer, build.spec, 4, 32)
     assert workload.shape == "4x32" and len(workload.texts) == 4
-    assert all(value.shape == (4, 32) for value in workload.tensors.values())
-    lengths = workload.tensors["attention_mask"].sum(axis=1)
+    assert all(value.shape == (4, 32) for value in workload.inputs.values())
+    lengths = workload.inputs["attention_mask"].sum(axis=1)
     assert lengths[0] == 32 and (lengths[1:] < 32).all()  # one exact row, the others real shorter texts
     # The served tokenizer pads a request to its longest text, truncating at the profile's max: the same tensors.
     served = loaded.tokenizer(list(workload.texts), padding="longest", truncation=True,
                               max_length=tiny_recipe_embeddings.profile.sequence.max, return_tensors="np")
-    for name, value in workload.tensors.items():
+    for name, value in workload.inputs.items():
         assert (served[name] == value).all(), name
 
 

@@ -127,7 +127,7 @@ def measure_in_process(
         facts[name] = (graph.precision, graph.parity + (" (shipped)" if graph.shipped else ""))
     measurements = []
     for workload in workloads:
-        calls = {name: (lambda run=run: run(workload.tensors)) for name, run in runners.items()}
+        calls = {name: (lambda run=run: run(workload.inputs)) for name, run in runners.items()}
         passes = [interleaved(calls, budget) for _ in range(budget.passes)]
         measurements += [_summarise(name, passes, workload, threads, *facts[name]) for name in runners]
     return measurements

@@ -71,7 +71,7 @@ class Endpoint:
     def request(self, workload: Workload) -> Inputs:
         if self.model.role is smoke.Role.ENSEMBLE:
             return {self.model.text_input.name: np.array([[text.encode()] for text in workload.texts], dtype=object)}
-        return workload.tensors
+        return workload.inputs
 
 
 @dataclass(frozen=True)

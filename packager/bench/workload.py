@@ -3,26 +3,13 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 
 from packager import validate
 from packager.errors import PackagerError
 from packager.iospec import IOSpec
-from packager.validate import Inputs
 
-
-@dataclass(frozen=True)
-class Workload:
-    """A request: `batch` texts, and their tokens at exactly `sequence` as the served tokenizer pads them."""
-
-    batch: int
-    sequence: int
-    texts: tuple[str, ...]
-    tensors: Inputs
-
-    @property
-    def shape(self) -> str:
-        return f"{self.batch}x{self.sequence}"
+# A request: `batch` texts, and their tokens at exactly `sequence` as the served tokenizer pads them.
+Workload = validate.ValidationBatch
 
 
 def make_workload(tokenizer, spec: IOSpec, batch: int, sequence: int) -> Workload:
@@ -30,7 +17,7 @@ def make_workload(tokenizer, spec: IOSpec, batch: int, sequence: int) -> Workloa
     fitting = [text for text in validate.VALIDATION_TEXTS if token_count(tokenizer, text, sequence) <= sequence]
     others = itertools.cycle(fitting or [""])
     texts = (text_of_length(tokenizer, sequence), *(next(others) for _ in range(batch - 1)))
-    return Workload(batch, sequence, texts, validate.tokenize(tokenizer, spec, list(texts), sequence))
+    return Workload.of(texts, validate.tokenize(tokenizer, spec, list(texts), sequence))
 
 
 def token_count(tokenizer, text: str, limit: int) -> int:

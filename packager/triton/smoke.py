@@ -146,9 +146,7 @@ class Reference:
         sequence = self.profile.sequence
         lengths = self.tokenizer(list(texts), truncation=True, max_length=sequence.max)["input_ids"]
         length = max([sequence.min, *map(len, lengths)])
-        inputs = validate.tokenize(self.tokenizer, self.spec, list(texts), length)
-        mask = inputs.get("attention_mask", np.ones((len(texts), length), np.int64))
-        return ValidationBatch(len(texts), length, tuple(texts), inputs, mask)
+        return ValidationBatch.of(texts, validate.tokenize(self.tokenizer, self.spec, list(texts), length))
 
     def answer(self, texts: Sequence[str]) -> Outputs:
         key = tuple(texts)
