@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from packager import export, render, repository, source
+from packager import pipeline
 from packager.iospec import IOSpec
 from packager.recipe import Recipe
-from packager.tasks import get_task
 from packager.triton.server import TritonServer, available_backends, serve
 from packager.triton.smoke import Reference, SmokeRow, load_servable
 
@@ -37,15 +36,12 @@ class Published:
         return name
 
 
-def publish_recipe(recipe: Recipe, build_folder: Path, repository_root: Path) -> Published:
-    """Export `recipe`, render its Triton models from the IO spec and publish them (no gates: the smoke checks)."""
-    loaded = source.load(recipe)
-    exported = export.export_onnx(loaded, get_task(recipe.task), build_folder / "model.onnx", recipe.opset)
-    artifacts = render.Artifacts(exported.path, loaded.tokenizer)
-    models = render.render_repository(recipe, exported.spec, render.ServingConfig.from_recipe(recipe), artifacts)
-    manifest = repository.build_manifest(recipe, exported.spec, loaded.weights_sha256, parity=[])
-    published = repository.publish(repository_root, models, manifest)
-    return Published(recipe, tuple(published.paths), exported.spec, Reference.for_recipe(recipe, exported.spec, loaded))
+def publish_recipe(recipe: Recipe, build_root: Path, repository_root: Path) -> Published:
+    """Build `recipe` (export and its gate, plain level, no TensorRT) and publish it, as `packager package` does
+    without its own smoke: the tests run the smoke."""
+    built = pipeline.build(recipe, pipeline.BuildOptions(build_root=build_root, levels=("plain",), trt_backend="none"))
+    released = pipeline.release(built, pipeline.ReleaseOptions(repository=repository_root, launcher=None))
+    return Published(recipe, released.models, built.spec, Reference.for_recipe(recipe, built.spec))
 
 
 @pytest.fixture(scope="session")
