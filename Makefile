@@ -1,9 +1,12 @@
 # The two commands a user needs: `make package [MODEL=bert]` and `make test`. Both create .venv when missing.
 PYTHON ?= python3
 VENV ?= .venv
-# torch first, so that no later requirement pulls a multi-GB CUDA build; a GPU host may choose another spec.
+# torch is not in the lock: the default is the CPU build that lies on this platform's disk; a GPU host sets its own
+# spec (e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126").
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= triton,tensorrt-rtx,bench,dev
+LOCK := requirements.lock
+LOCK_EXTRAS := triton,tensorrt-rtx,bench,dev
+PIP_TOOLS := pip-tools==7.6.2
 MODEL ?= bert
 TASK ?=
 ARGS ?=
@@ -13,16 +16,32 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUN := HF_HUB_OFFLINE=1 $(PY) -m packager
 
-.PHONY: venv package publish smoke bench list test clean
+.PHONY: venv lock package publish smoke bench list test clean
 
-$(STAMP): pyproject.toml
+# Exactly the locked set (hash-checked, no resolution), then torch, then this project without dependencies.
+# The lock's SHA-256 is kept in the venv: every manifest records which lock built it.
+$(STAMP): $(LOCK) pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	$(PY) -m pip install -q --no-deps --require-hashes -r $(LOCK)
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m pip check
+	sha256sum $(LOCK) | cut -d' ' -f1 > $(VENV)/lock.sha256
 	touch $@
 
 venv: $(STAMP)
+
+# Re-resolve every dependency to its newest allowed version, with hashes (linux x86_64, CPython 3.11, CPU torch).
+# Run after changing dependencies in pyproject.toml, then `make test` and commit the lock.
+lock:
+	rm -rf build/.lock-venv && mkdir -p build
+	$(PYTHON) -m venv build/.lock-venv
+	build/.lock-venv/bin/pip install -q "$(PIP_TOOLS)"
+	echo "$(TORCH_SPEC)" > build/.lock-venv/torch.txt
+	CUSTOM_COMPILE_COMMAND="make lock" build/.lock-venv/bin/pip-compile -q --upgrade --generate-hashes \
+		--extra $(LOCK_EXTRAS) --strip-extras --unsafe-package torch --constraint build/.lock-venv/torch.txt \
+		--no-emit-index-url --no-emit-find-links --output-file $(LOCK) pyproject.toml
+	rm -rf build/.lock-venv
 
 package: $(STAMP)
 	$(RUN) package $(MODEL) $(if $(TASK),--task $(TASK)) $(ARGS)
