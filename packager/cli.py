@@ -1,45 +1,48 @@
-"""Command line: parse, call the pipeline, print. `python -m packager --help`."""
+"""Command line: parse, call the pipeline, print. `python -m packager --help`.
+
+Heavy libraries (torch, transformers, onnxruntime, tensorrt) are imported inside the commands that use them, so
+`--help`, `list`, an argument error or an unknown model answer at once.
+"""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from pathlib import Path
 
-from packager import optimize, pipeline, render, tensorrt
 from packager.console import error, say, table
 from packager.errors import PackagerError
-from packager.recipe import Range, Recipe, known_recipes, load_recipe
-from packager.triton import smoke
-from packager.triton.server import LAUNCHERS
+from packager.recipe import DEVICES, PRECISIONS, TARGETS, TRITON_TENSORRT, Range, Recipe, known_recipes, load_recipe
+from packager.triton import LAUNCHER_NAMES
+
+TRT_BACKENDS = ("auto", "tensorrt", "tensorrt-rtx", "none")
 
 
 def _recipe(args: argparse.Namespace) -> Recipe:
-    recipe = load_recipe(args.model, getattr(args, "task", None))
-    changes = {}
-    if getattr(args, "opset", None):
-        changes["opset"] = args.opset
-    if getattr(args, "batch", None) or getattr(args, "sequence", None):
-        profile = recipe.profile
-        changes["profile"] = dataclasses.replace(
-            profile,
-            batch=Range.parse("--batch", args.batch) if args.batch else profile.batch,
-            sequence=Range.parse("--sequence", args.sequence) if args.sequence else profile.sequence,
-        )
-    return recipe.replace(**changes)
+    """MODEL with the command line's overrides merged in; the whole recipe is checked before any work."""
+    overrides: dict = {}
 
+    def put(section: str, key: str, value) -> None:
+        if value is not None:
+            overrides.setdefault(section, {})[key] = value
 
-def _build_options(args: argparse.Namespace) -> pipeline.BuildOptions:
-    return pipeline.BuildOptions(
-        build_root=Path(args.build_dir),
-        device=args.device,
-        levels=optimize.parse_levels_option(args.levels) if args.levels else None,
-        tensorrt={"precision": args.precision, "triton_release": args.triton_release,
-                  "workspace_mib": args.trt_workspace},
-        trt_backend=args.trt_backend,
-    )
+    put("export", "opset", getattr(args, "opset", None))
+    for axis in ("batch", "sequence"):
+        value = getattr(args, axis, None)
+        put("profile", axis, Range.parse(f"--{axis}", value).to_data() if value else None)
+    device = getattr(args, "device", None)
+    put("serving", "device", device)
+    if getattr(args, "target", None):
+        put("serving", "targets", [t.strip() for t in args.target.split(",") if t.strip()])
+    put("tensorrt", "precision", getattr(args, "precision", None))
+    put("tensorrt", "triton_release", getattr(args, "triton_release", None))
+    put("tensorrt", "workspace_mib", getattr(args, "trt_workspace", None))
+    recipe = load_recipe(args.model, getattr(args, "task", None), overrides)
+    if getattr(args, "levels", None):
+        levels = [name.strip() for name in args.levels.split(",") if name.strip()]
+        recipe = recipe.override({"optimize": {recipe.serving.device: levels}}, "--levels")
+    return recipe
 
 
 def _launcher_options(args: argparse.Namespace) -> dict:
@@ -47,37 +50,52 @@ def _launcher_options(args: argparse.Namespace) -> dict:
     return {key: value for key, value in options.items() if value}
 
 
-def _release_options(args: argparse.Namespace) -> pipeline.ReleaseOptions:
+def _release_options(args: argparse.Namespace):
+    from packager import pipeline
+
     return pipeline.ReleaseOptions(
         repository=Path(args.repository),
         version=args.version,
         force=args.force,
-        targets=tuple(t.strip() for t in args.target.split(",")) if args.target else None,
         launcher=None if args.no_smoke else args.launcher,
         launcher_options=_launcher_options(args),
     )
 
 
 def cmd_package(args: argparse.Namespace) -> int:
-    pipeline.package(_recipe(args), _build_options(args), _release_options(args))
+    recipe = _recipe(args)
+    from packager import pipeline
+
+    options = pipeline.BuildOptions(build_root=Path(args.build_dir), trt_backend=args.trt_backend)
+    pipeline.package(recipe, options, _release_options(args))
     return 0
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
     recipe = _recipe(args)
-    pipeline.release(pipeline.Build.read(recipe, Path(args.build_dir)), _release_options(args))
+    from packager import pipeline
+
+    pipeline.release(pipeline.BuildFolder.read(recipe, Path(args.build_dir)), _release_options(args))
     return 0
 
 
 def cmd_smoke(args: argparse.Namespace) -> int:
     recipe = _recipe(args)
+    from packager import source
+    from packager.triton import smoke
+
     names, spec = smoke.published_models(args.repository, recipe.name)
-    reference = dataclasses.replace(smoke.Reference.for_recipe(recipe, spec),
-                                    tolerances=pipeline.shipped_tolerances(Path(args.repository), names[0]))
+    reference = smoke.Reference.of(recipe, spec, source.load(recipe))
     result = smoke.smoke(args.repository, reference, args.launcher, models=names, **_launcher_options(args))
     say(result.summary())
     smoke.require(result)
     return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from packager.bench.cli import run
+
+    return run(args)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -101,20 +119,20 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _build_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("export, validation and optimization")
+    group = parser.add_argument_group("export, validation and optimization (each overrides the recipe)")
     group.add_argument("--opset", type=int, help="ONNX opset (default: the recipe's, 17 for bert)")
-    group.add_argument("--batch", help="batch sizes min,opt,max (overrides the recipe's profile)")
+    group.add_argument("--batch", help="batch sizes min,opt,max")
     group.add_argument("--sequence", help="sequence lengths min,opt,max; max is also the truncation length")
-    group.add_argument("--device", choices=optimize.DEVICES,
-                       help="device the graph is optimized for (default: the recipe's [serving] device)")
+    group.add_argument("--device", choices=DEVICES,
+                       help="device the graph is optimized and served for (default: the recipe's [serving] device)")
     group.add_argument("--levels", help="optimization levels to try, e.g. plain,fused,int8; the fastest that passes "
                                         "its gate ships (default: the recipe's [optimize] levels for the device)")
     group = parser.add_argument_group("TensorRT engine")
-    group.add_argument("--precision", choices=tensorrt.PRECISIONS, help="engine precision (default: the recipe's)")
-    group.add_argument("--triton-release", choices=list(tensorrt.TRITON_TENSORRT),
+    group.add_argument("--precision", choices=PRECISIONS, help="engine precision (default: the recipe's)")
+    group.add_argument("--triton-release", choices=list(TRITON_TENSORRT),
                        help="the Triton release that will serve the plan; warns when the installed TensorRT differs")
     group.add_argument("--trt-workspace", type=int, metavar="MIB", help="builder workspace limit in MiB")
-    group.add_argument("--trt-backend", choices=tensorrt.BACKEND_CHOICES, default="auto",
+    group.add_argument("--trt-backend", choices=TRT_BACKENDS, default="auto",
                        help="TensorRT package: tensorrt (deployable plan), tensorrt-rtx (build check only), "
                             "none (skip), auto (the first installed; default)")
 
@@ -126,7 +144,7 @@ def _repository_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _server_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("live Triton server for the smoke test")
-    group.add_argument("--launcher", choices=list(LAUNCHERS), default=os.environ.get("PACKAGER_LAUNCHER", "local"),
+    group.add_argument("--launcher", choices=LAUNCHER_NAMES, default=os.environ.get("PACKAGER_LAUNCHER", "local"),
                        help="local: the tritonserver of the nvidia-pytriton wheel (python backend only); docker: "
                             "the NGC image (all backends); url: a running server (default: local)")
     group.add_argument("--url", help="with --launcher url: the server's HTTP host:port")
@@ -139,7 +157,7 @@ def _release_arguments(parser: argparse.ArgumentParser) -> None:
     _repository_arguments(parser)
     parser.add_argument("--version", type=int, help="publish as this version (default: the next one)")
     parser.add_argument("--force", action="store_true", help="replace an existing version")
-    parser.add_argument("--target", help=f"serving targets to publish, comma-separated ({', '.join(render.TARGETS)}; "
+    parser.add_argument("--target", help=f"serving targets to publish, comma-separated ({', '.join(TARGETS)}; "
                                          "default: the recipe's)")
     parser.add_argument("--no-smoke", action="store_true", help="publish without the live smoke test")
     _server_arguments(parser)
@@ -178,11 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
     _server_arguments(smoke_parser)
     smoke_parser.set_defaults(run=cmd_smoke)
 
-    from packager import bench  # noqa: PLC0415 - the bench subcommand's arguments live with its code
+    from packager.bench.cli import DESCRIPTION, add_arguments
+
     bench_parser = commands.add_parser("bench", help="benchmark PyTorch, ONNX Runtime and the served model",
-                                       description=bench.__doc__.splitlines()[0])
-    bench.add_arguments(bench_parser)
-    bench_parser.set_defaults(run=bench.run)
+                                       description=DESCRIPTION)
+    add_arguments(bench_parser)
+    bench_parser.set_defaults(run=cmd_bench)
 
     listing = commands.add_parser("list", help="list the known model recipes")
     listing.set_defaults(run=cmd_list)
@@ -191,8 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return args.run(args)
     except PackagerError as exc:
         error(str(exc))

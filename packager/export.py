@@ -18,7 +18,8 @@ from packager import iospec
 from packager.errors import PackagerError, first_line
 from packager.iospec import IOSpec
 from packager.source import LoadedModel
-from packager.tasks import BATCH, SEQUENCE, Task
+from packager.iospec import BATCH, SEQUENCE
+from packager.tasks import Task
 
 EXAMPLE_TEXTS = ["An example sentence to trace the graph.", "A second, longer example sentence with padding."]
 

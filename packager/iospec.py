@@ -27,6 +27,7 @@ DTYPES: dict[str, tuple[str, str, str]] = {
 }
 
 Dim = int | str  # a fixed size, or the symbolic name of a dynamic axis
+BATCH, SEQUENCE = "batch", "sequence"  # the dynamic axes every exported graph names
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class TensorSpec:
         """Index of the dim named `symbol`, or None."""
         return self.dims.index(symbol) if symbol in self.dims else None
 
-    def triton_dims(self, batch_axis: str = "batch") -> list[int]:
+    def triton_dims(self, batch_axis: str = BATCH) -> list[int]:
         """Dims as a Triton config lists them: batch dim left out, other dynamic dims as -1."""
         return [d if isinstance(d, int) else -1 for d in self.dims if d != batch_axis]
 

@@ -2,42 +2,42 @@
 
 recipe -> load -> export (ONNX, named axes) -> IO spec -> validate (gate) -> optimize (each level gated)
        -> TensorRT engine -> build folder                                                        [build]
-build folder -> render (Jinja -> config.pbtxt, Triton's schema) -> live smoke on a staged copy
-       -> publish (new version, atomic, manifest)                                                [release]
+build folder -> render (Jinja -> config.pbtxt, Triton's schema) -> manifest           [stage_release]
+       -> live smoke on a staged copy -> publish (new version, atomic)                          [release]
 
-`package` is `build` then `release`; `packager publish` is `release` of an existing build folder.
+`package` is `build` then `release`; `packager publish` is `release` of an existing build folder; the bench and
+the tests publish through `stage_release` too. The model is loaded once per run and handed along.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
+import os
 import shlex
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import AutoTokenizer
-
 from packager import export, optimize, render, repository, source, tensorrt, validate
 from packager.console import say, step, table
+from packager.cpu import CPU_CLASSES, cpu_class
 from packager.errors import PackagerError, UsageError
 from packager.iospec import IOSpec
-from packager.recipe import Recipe, Tolerances
+from packager.optimize.fp16 import fp16_graph
+from packager.recipe import Recipe
+from packager.record import (
+    BUILD_FILE, BuildRecord, CpuRecord, EngineRecord, Gate, Plan, Release, sha256,
+)
 from packager.tasks import get_task
 from packager.triton import smoke
 
-EXPORTED_FILE, SPEC_FILE, PARITY_FILE, BUILD_FILE = "model.onnx", "iospec.json", "parity.json", "build.json"
-SHIPPED_FILE, PLAN_FILE = "model.shipped.onnx", "model.plan"
+EXPORTED_FILE, SPEC_FILE, SHIPPED_FILE, PLAN_FILE = "model.onnx", "iospec.json", "model.shipped.onnx", "model.plan"
+FP16_ENGINE_GRAPH = "tensorrt/model.fp16.onnx"  # the graph fp16 engines are built from (see tensorrt.build_mode)
 
 
 @dataclass(frozen=True)
 class BuildOptions:
     build_root: Path = Path("build")
-    device: str | None = None  # cpu | gpu; default: the recipe's [serving] device
-    levels: tuple[str, ...] | None = None  # optimization levels to try; default: the recipe's for the device
-    tensorrt: dict = field(default_factory=dict)  # read_settings overrides: precision, triton_release, workspace_mib
     trt_backend: str = "auto"  # auto | tensorrt | tensorrt-rtx | none
 
 
@@ -46,23 +46,19 @@ class ReleaseOptions:
     repository: Path = Path("model_repository")
     version: int | None = None
     force: bool = False
-    targets: tuple[str, ...] | None = None  # default: the recipe's [serving] targets
     launcher: str | None = "local"  # the smoke's server; None skips the smoke
     launcher_options: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
-class Build:
-    """A build folder: the gated graphs, the IO spec, and the record the manifest is made from."""
+class BuildFolder:
+    """build/<name>: the gated graphs, the IO spec, and the build record the manifests are made from."""
 
     recipe: Recipe
     folder: Path
     spec: IOSpec
-    record: dict  # build.json: weights hash, parity, optimize and tensorrt records, shipped level
-
-    @property
-    def exported_path(self) -> Path:
-        return self.folder / EXPORTED_FILE
+    record: BuildRecord
+    loaded: source.LoadedModel | None = field(default=None, compare=False, repr=False)  # when this run loaded it
 
     @property
     def shipped_path(self) -> Path:
@@ -70,49 +66,67 @@ class Build:
 
     def level_path(self, level: str) -> Path | None:
         """The graph of an optimization level, when it was built."""
-        entry = next((e for e in self.record["optimize"]["levels"] if e["level"] == level), None)
-        return self.folder / entry["file"] if entry and entry.get("file") else None
+        entry = self.record.optimize.level(level)
+        return self.folder / entry.file if entry and entry.file else None
 
-    @property
-    def shipped_tolerances(self) -> Tolerances:
-        return Tolerances(**self.record["shipped_tolerances"])
+    def plan(self) -> render.TensorRTPlan | None:
+        plan = self.record.tensorrt.plan
+        return render.TensorRTPlan(self.folder / plan.file, plan.profiles, plan.max_batch_size) if plan else None
+
+    def model(self) -> source.LoadedModel:
+        """The loaded model: the one this run loaded, else loaded now."""
+        if self.loaded is not None:
+            return self.loaded
+        with step(f"load {self.recipe.name} ({self.recipe.source.describe()})"):
+            return source.load(self.recipe)
 
     @classmethod
-    def read(cls, recipe: Recipe, build_root: Path) -> "Build":
+    def read(cls, recipe: Recipe, build_root: Path) -> "BuildFolder":
         folder = build_root / recipe.name
         if not (folder / BUILD_FILE).exists():
             raise UsageError(f"no build of '{recipe.name}' in {build_root}: run `packager package {recipe.name}` first")
-        return cls(recipe, folder, IOSpec.read(folder / SPEC_FILE), json.loads((folder / BUILD_FILE).read_text()))
+        return cls(recipe, folder, IOSpec.read(folder / SPEC_FILE), BuildRecord.read(folder))
 
 
 @dataclass(frozen=True)
-class Release:
+class StagedRelease:
+    """The rendered models of a build, in publish order, with what their manifests share and each one's gate."""
+
+    models: list[render.RenderedModel]
+    release: Release
+    gates: dict[str, Gate | None]
+
+    @property
+    def names(self) -> list[str]:
+        return [model.name for model in self.models]
+
+    def publish(self, root: Path, version: int | None = None, force: bool = False) -> repository.PublishResult:
+        return repository.publish(root, self.models, self.release, self.gates, version=version, force=force)
+
+
+@dataclass(frozen=True)
+class Released:
     version: int
     models: tuple[str, ...]
     repository: Path
     smoke: smoke.SmokeResult | None
 
 
-def package(recipe: Recipe, build_options: BuildOptions, release_options: ReleaseOptions) -> tuple[Build, Release]:
-    serving_config(recipe, release_options.targets)  # bad release options fail before the build, not after
+def package(recipe: Recipe, build_options: BuildOptions, release_options: ReleaseOptions) -> tuple[BuildFolder, Released]:
     built = build(recipe, build_options)
     return built, release(built, release_options)
 
 
-def build(recipe: Recipe, options: BuildOptions) -> Build:
+def build(recipe: Recipe, options: BuildOptions, loaded: source.LoadedModel | None = None) -> BuildFolder:
     """Every stage up to the build folder; it appears in build_root/<name> only when all gates passed."""
     repository.check_name(recipe.name, "recipe name")  # it names the build folder and every model
     task = get_task(recipe.task)
-    serving = render.ServingConfig.from_recipe(recipe)
-    device = options.device or serving.device
-    optimize_config = optimize.parse_config(recipe)
-    if options.levels:
-        optimize_config = optimize_config.with_levels(device, options.levels)
-    trt_settings = tensorrt.read_settings(recipe, **options.tensorrt)
+    device = recipe.serving.device
+    clear_stale_staging(options.build_root)
     staging = _staging_dir(options.build_root, recipe.name)
     try:
         with step(f"load {recipe.name} ({recipe.source.describe()})"):
-            loaded = source.load(recipe)
+            loaded = loaded or source.load(recipe)
             if loaded.max_seq_length and loaded.max_seq_length != recipe.profile.sequence.max:
                 say(f"    warning: sentence-transformers truncates at {loaded.max_seq_length} tokens, the profile at "
                     f"{recipe.profile.sequence.max}: long texts will embed differently")
@@ -122,30 +136,32 @@ def build(recipe: Recipe, options: BuildOptions) -> Build:
         with step("validate the export against PyTorch on real text"):
             batches = validate.make_batches(loaded.tokenizer, exported.spec, recipe.profile)
             reference = validate.torch_runner(exported.wrapper, exported.spec)
-            validator = validate.Validator(task, exported.spec, batches, reference, recipe.tolerances)
+            invariance = validate.invariance_layouts(loaded.tokenizer, exported.spec, recipe.profile)
+            validator = validate.Validator(task, exported.spec, batches, reference, recipe.gates.fp32, invariance)
             exported_report = validate.require(
                 validator.check("onnx", validate.onnxruntime_runner(exported.path, exported.spec)))
-        with step(f"optimize for {device} (levels {', '.join(optimize_config.levels[device])})"):
-            optimized = optimize.optimize(loaded, task, exported, validator, optimize_config, device,
-                                          staging / "levels", exported_report)
-            optimize.ship(optimized, staging / SHIPPED_FILE)
+        with step(f"optimize for {device} (levels {', '.join(recipe.optimize.levels(device))})"):
+            optimized = optimize.optimize(loaded, task, exported, validator, recipe, device, staging / "levels",
+                                          exported_report)
+            shutil.copyfile(optimized.chosen.path, staging / SHIPPED_FILE)
             say(f"    shipping '{optimized.chosen.name}': {optimized.why}")
         reports = [exported_report] + [level.parity for level in optimized.levels
                                        if level.parity and level.parity is not exported_report]
-        with step(f"TensorRT engine ({trt_settings.precision}, {len(trt_settings.profiles)} profiles)"):
-            engine, engine_record, engine_report = _engine(exported, trt_settings, validator, recipe, staging, options)
+        with step(f"TensorRT engine ({recipe.tensorrt.precision}, {len(recipe.engine_profiles)} profiles)"):
+            engine, engine_record, engine_report = _engine(exported, recipe, validator, staging, options)
             if engine_report:
                 reports.append(engine_report)
-        record = {
-            "weights_sha256": loaded.weights_sha256,
-            "device": device,
-            "parity": [report.to_dict() for report in reports],
-            "optimize": _optimize_record(optimized, staging),
-            "shipped_tolerances": dataclasses.asdict(optimize_config.tolerances[optimized.chosen.name]),
-            "tensorrt": engine_record,
-        }
-        (staging / PARITY_FILE).write_text(json.dumps(record["parity"], indent=2) + "\n")
-        (staging / BUILD_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
+        record = BuildRecord(
+            recipe=recipe.name,
+            weights_sha256=loaded.weights_sha256,
+            parity=tuple(reports),
+            optimize=optimized.to_record(staging),
+            tensorrt=engine_record,
+            graphs={str(path.relative_to(staging)): sha256(path)
+                    for path in sorted(staging.rglob("*")) if path.suffix in (".onnx", ".plan")},
+            cpu=_cpu_record(optimized.chosen),
+        )
+        record.write(staging)
         folder = _commit(staging, options.build_root / recipe.name)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -156,136 +172,142 @@ def build(recipe: Recipe, options: BuildOptions) -> Build:
     if engine.profiles:
         say(table(["profile", "input", "min", "opt", "max"], engine.rows(), title="\nTensorRT optimization profiles"))
     say(f"\nbuild artifacts: {folder}")
-    return Build(recipe, folder, exported.spec, record)
+    return BuildFolder(recipe, folder, exported.spec, record, loaded)
 
 
-def _optimize_record(optimized: optimize.OptimizeResult, staging: Path) -> dict:
-    """The optimize stage's record, each level with its graph's path inside the build folder."""
-    record = optimized.to_dict()
-    for entry, level in zip(record["levels"], optimized.levels):
-        entry["file"] = str(level.path.relative_to(staging)) if level.path else None
-    return record
+def _cpu_record(shipped: optimize.LevelResult) -> CpuRecord:
+    here = cpu_class()
+    if shipped.valid_for is None:
+        return CpuRecord(here, CPU_CLASSES, f"'{shipped.name}' computes the same on every x86 class")
+    return CpuRecord(here, shipped.valid_for, f"'{shipped.name}' was gated as {', '.join(shipped.valid_for)} "
+                                               "compute it")
 
 
-def _engine(exported, settings, validator, recipe, staging, options):
-    """Build the TensorRT engine; gate a deployable one with the TensorRT runtime. Returns (result, record, report).
+def _engine(exported: export.Exported, recipe: Recipe, validator: validate.Validator, staging: Path,
+            options: BuildOptions) -> tuple[tensorrt.EngineResult, EngineRecord, validate.ParityReport | None]:
+    """Build the TensorRT engine; gate a deployable one with the TensorRT runtime.
 
-    TensorRT parses the plain export (made fp16 by tensorrt.py when asked): the fused levels hold ONNX Runtime
-    contrib ops (EmbedLayerNormalization, Attention) that TensorRT's parser does not know.
+    TensorRT parses the plain export, or for fp16 its fp16 graph: the fused levels hold ONNX Runtime contrib ops
+    (EmbedLayerNormalization, Attention) that TensorRT's parser does not know.
     """
-    engine = tensorrt.build_engine(exported.path, exported.spec, settings, staging / "tensorrt",
-                                   cache_dir=options.build_root / ".cache", backend=options.trt_backend)
+    def engine_graph() -> Path:
+        (staging / FP16_ENGINE_GRAPH).parent.mkdir(parents=True, exist_ok=True)
+        return fp16_graph(exported.path, staging / FP16_ENGINE_GRAPH)
+
+    engine = tensorrt.build_engine(exported.path, exported.spec, recipe, staging / "tensorrt",
+                                   cache_dir=options.build_root / ".cache", backend=options.trt_backend,
+                                   fp16_graph=engine_graph)
     say(f"    {engine.message}")
-    record = {"status": engine.status, "message": engine.message,
-              "facts": engine.facts.to_dict() if engine.facts else None}
-    report = None
-    if engine.publishable:
-        report = validate.require(validator.check(
-            "tensorrt", tensorrt.engine_runner(engine.engine_path, exported.spec), settings.gate_tolerances(recipe)))
+    if engine.status == "deployable":
+        gate = Gate(*recipe.gates.for_engine(recipe.tensorrt.precision))
+        runner = tensorrt.engine_runner(engine.engine_path, exported.spec)
+        report = validate.require(validator.check("tensorrt", runner, gate.tolerances))
+        validate.require_invariant(validator.check_invariance("tensorrt", runner, gate.tolerances))
         shutil.move(engine.engine_path, staging / PLAN_FILE)
-        record["plan"] = {
-            "file": PLAN_FILE,
-            "max_batch_size": settings.max_batch_size,
-            "profiles": [{name: [list(s) for s in shape] for name, shape in p.shapes.items()}
-                         for p in sorted(engine.profiles, key=lambda p: p.index)],
-        }
-    elif tensorrt.docker_available():
-        command = tensorrt.trtexec_command(exported.path, staging / PLAN_FILE, exported.spec, settings,
-                                           options.build_root / ".cache" / "trtexec.timing-cache")
+        plan = Plan(PLAN_FILE, recipe.engine_max_batch_size, engine.profiles)
+        return engine, EngineRecord(engine.status, engine.message, engine.facts, engine.stats, plan, gate), report
+    if tensorrt.docker_available():
+        final = options.build_root.resolve() / recipe.name  # where the graph is once the build folder is committed
+        needs_fp16 = tensorrt.build_mode(recipe.tensorrt, tensorrt.BACKENDS["tensorrt"]).fp16_graph
+        graph = final / FP16_ENGINE_GRAPH if needs_fp16 else final / EXPORTED_FILE
+        if needs_fp16 and not (staging / FP16_ENGINE_GRAPH).exists():
+            engine_graph()
+        command = tensorrt.trtexec_command(graph, final / PLAN_FILE, exported.spec, recipe,
+                                           options.build_root.resolve() / ".cache" / "trtexec.timing-cache")
         say(f"    a deployable plan can be built in the release's container: {shlex.join(command)}")
-    return engine, record, report
+    return engine, EngineRecord(engine.status, engine.message, engine.facts, engine.stats), None
 
 
-def release(built: Build, options: ReleaseOptions) -> Release:
-    """Render the build's Triton models, smoke them on a staged copy, then publish them as a new version."""
+def stage_release(built: BuildFolder, loaded: source.LoadedModel) -> StagedRelease:
+    """The build's Triton models rendered (names, types and dims from the IO spec), with their manifests' facts."""
     recipe = built.recipe
-    serving = serving_config(recipe, options.targets)
-    tokenizer = AutoTokenizer.from_pretrained(source.resolve_folder(recipe.source))
     with step("render Triton configs (checked with Triton's ModelConfig schema)"):
-        models = render.render_repository(recipe, built.spec, serving, render.Artifacts(
-            built.shipped_path, tokenizer, _plan(built)))
-        manifest = repository.build_manifest(
-            recipe, built.spec, built.record["weights_sha256"], built.record["parity"],
-            optimize=built.record["optimize"], tensorrt=built.record["tensorrt"], device=built.record["device"],
-            shipped_tolerances=built.record["shipped_tolerances"])
+        models = render.render_repository(recipe, built.spec, render.Artifacts(
+            built.shipped_path, loaded.tokenizer, built.plan()))
         say("    " + ", ".join(model.name for model in models))
+    gates = {"onnx": built.record.shipped_gate, "plan": built.record.tensorrt.gate}
+    return StagedRelease(models, Release.of(recipe.to_data(), recipe.source.describe(), built.spec, built.record),
+                         {model.name: gates.get(model.runs) for model in models})
+
+
+def release(built: BuildFolder, options: ReleaseOptions) -> Released:
+    """Render the build's Triton models, smoke them on a staged copy, then publish them as a new version."""
+    loaded = built.model()
+    staged = stage_release(built, loaded)
     staged_smoke = options.launcher not in (None, "url")  # a url server serves its own repository
-    smoked = _smoke(recipe, built, models, manifest, options) if staged_smoke else None
+    smoked = _smoke(built, staged, loaded, options) if staged_smoke else None
     with step(f"publish to {options.repository}"):
-        published = repository.publish(options.repository, models, manifest, version=options.version,
-                                       force=options.force)
+        published = staged.publish(options.repository, version=options.version, force=options.force)
     say(f"published version {published.version} of {', '.join(published.paths)} in {options.repository}")
     if options.launcher == "url":
-        smoked = _smoke(recipe, built, models, manifest, options, published=options.repository)
-    return Release(published.version, tuple(published.paths), options.repository, smoked)
+        smoked = _smoke(built, staged, loaded, options, published=options.repository)
+    return Released(published.version, tuple(published.paths), options.repository, smoked)
 
 
-def _smoke(recipe, built, models, manifest, options, published: Path | None = None) -> smoke.SmokeResult:
+def _smoke(built: BuildFolder, staged: StagedRelease, loaded: source.LoadedModel, options: ReleaseOptions,
+           published: Path | None = None) -> smoke.SmokeResult:
     """The live smoke: on a staged copy of the release (before publishing), or on the published repository."""
     where = published
     if where is None:
         where = built.folder / "repository"
         shutil.rmtree(where, ignore_errors=True)
-        repository.publish(where, models, manifest, version=1)
+        staged.publish(where, version=1)
     with step(f"live smoke on {options.launcher} Triton ({where})"):
-        reference = dataclasses.replace(smoke.Reference.for_recipe(recipe, built.spec),
-                                        tolerances=built.shipped_tolerances)
-        result = smoke.smoke(where, reference, options.launcher, models=[m.name for m in models],
-                             **options.launcher_options)
+        reference = smoke.Reference.of(built.recipe, built.spec, loaded)
+        result = smoke.smoke(where, reference, options.launcher, models=staged.names, **options.launcher_options)
     say("\n" + result.summary() + "\n")
     if not result.passed:
         say("the live smoke failed: " + ("the version above stays published" if published else "nothing was published"))
     return smoke.require(result)
 
 
-def serving_config(recipe: Recipe, targets: tuple[str, ...] | None) -> render.ServingConfig:
-    """The recipe's [serving] section, with the targets chosen on the command line."""
-    serving = render.ServingConfig.from_recipe(recipe)
-    if not targets:
-        return serving
-    unknown = [target for target in targets if target not in render.TARGETS]
-    if unknown:
-        raise UsageError(f"unknown target(s) {', '.join(unknown)}: choose from {', '.join(render.TARGETS)}")
-    return dataclasses.replace(serving, targets=tuple(targets))
-
-
-def shipped_tolerances(repository_root: Path, model: str) -> Tolerances:
-    """The gate the published graph of `model` passed (int8 is gated looser than fp32), from its newest manifest."""
-    folder = Path(repository_root) / model
-    manifest = folder / str(max(repository.versions(folder))) / repository.MANIFEST_FILE
-    return Tolerances(**json.loads(manifest.read_text())["shipped_tolerances"])
-
-
-def _plan(built: Build) -> render.TensorRTPlan | None:
-    plan = built.record["tensorrt"].get("plan")
-    if not plan:
-        return None
-    profiles = tuple({name: tuple(tuple(s) for s in shape) for name, shape in p.items()} for p in plan["profiles"])
-    return render.TensorRTPlan(built.folder / plan["file"], profiles, plan["max_batch_size"])
-
-
 def parity_table(reports: list[validate.ParityReport], batches: list[validate.ValidationBatch]) -> str:
     rows = [
-        [report.variant, output, s["max_abs"], s["max_rel"], s["metric"], s["metric_value"],
-         "pass" if report.passed else "FAIL"]
+        [report.variant, output, s.max_abs, s.max_rel, s.metric, s.metric_value, "pass" if report.passed else "FAIL"]
         for report in reports
-        for output, s in report.summary()["outputs"].items()
+        for output, s in report.outputs().items()
     ]
     shapes = ", ".join(batch.shape for batch in batches)
     return table(["graph", "output", "max |Δ|", "max rel", "metric", "worst", "gate"], rows,
                  title=f"\nParity against PyTorch (real tokens; batch x sequence {shapes})")
 
 
+def clear_stale_staging(build_root: Path) -> None:
+    """Remove staging folders (build/.<name>.<random>) that a killed run left behind, unless one is in use."""
+    if not build_root.is_dir():
+        return
+    for folder in build_root.glob(".*.*"):
+        if folder.is_dir() and not _owner_alive(folder / ".owner"):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _owner_alive(lock: Path) -> bool:
+    try:
+        pid = int(lock.read_text())
+    except (OSError, ValueError):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _staging_dir(build_root: Path, name: str) -> Path:
     try:
         build_root.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{name}.", dir=build_root))
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=build_root))
     except OSError as exc:
         raise PackagerError(f"cannot write to the build folder {build_root}: {exc.strerror}") from None
+    (staging / ".owner").write_text(str(os.getpid()))
+    return staging
 
 
 def _commit(staging: Path, final: Path) -> Path:
     """Replace `final` by `staging` (two renames on one filesystem)."""
+    (staging / ".owner").unlink(missing_ok=True)
     old = final.with_name(f".{final.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():

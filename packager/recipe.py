@@ -1,18 +1,53 @@
-"""Model recipes: small declarative TOML files that say what to package and how to check it."""
+"""Model recipes: small declarative TOML files that say what to package and how to check it.
+
+This module is the ONE schema of a recipe: every section is a typed dataclass, and `parse_recipe` checks the whole
+file (unknown keys with a suggestion, wrong types, values out of range, sections that contradict each other) before
+any work starts. Stages read their section from the parsed `Recipe`; none parses TOML itself.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import itertools
 import json
+import math
 import tomllib
-from dataclasses import dataclass, field
+import types
+import typing
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Literal
 
 from packager.errors import UsageError
 
 RECIPE_DIR = resources.files("packager") / "recipes"
-STAGE_SECTIONS = ("serving", "optimize", "tensorrt")
+
+DEVICES = ("cpu", "gpu")
+# Optimization level -> the devices it is built for (packager.optimize implements each).
+LEVEL_DEVICES: dict[str, tuple[str, ...]] = {
+    "plain": DEVICES, "fused": DEVICES, "int8": ("cpu",), "fp16": ("gpu",),
+}
+TASK_NAMES = ("embeddings", "sequence-classification")  # packager.tasks implements each
+# Serving targets (packager.render renders each): a model plus its ensemble.
+TARGETS = ("onnxruntime", "python", "tensorrt")
+PRECISIONS = ("fp32", "fp16")  # TensorRT engine precisions
+# The Triton release a TensorRT plan is built for -> the TensorRT version it serves. Confirmed by Triton's own
+# compatibility.md: 25.01/25.02 (10.8.0.43), 25.03 (10.9.0.34); from NGC release notes: 24.09-24.12.
+TRITON_TENSORRT: dict[str, str] = {
+    "24.09": "10.4", "24.10": "10.5", "24.11": "10.6", "24.12": "10.7", "25.01": "10.8", "25.02": "10.8",
+    "25.03": "10.9",
+}
+# The gate (a key of Gates) of each optimization level and engine precision.
+LEVEL_GATES = {"export": "fp32", "plain": "fp32", "fused": "fp32", "int8": "int8", "fp16": "fp16"}
+ENGINE_GATES = {"fp32": "fp32", "fp16": "fp16"}
+
+
+def _check(condition: bool, message: str) -> None:
+    """In a section's __post_init__: a bad value (the parser adds where it is)."""
+    if not condition:
+        raise ValueError(message)
 
 
 @dataclass(frozen=True)
@@ -23,25 +58,39 @@ class Range:
     opt: int
     max: int
 
+    def __post_init__(self):
+        _check(1 <= self.min <= self.opt <= self.max,
+               f"must satisfy 1 <= min <= opt <= max; got {self.min}, {self.opt}, {self.max}")
+
     @classmethod
     def parse(cls, what: str, value: object) -> "Range":
+        """From [min, opt, max] or "min,opt,max"; UsageError naming `what` otherwise."""
         if isinstance(value, str):
             parts = value.replace(",", " ").split()
             value = [int(v) for v in parts] if all(v.isdigit() for v in parts) else value
-        if not (isinstance(value, (list, tuple)) and len(value) == 3 and all(isinstance(v, int) for v in value)):
+        if not (isinstance(value, (list, tuple)) and len(value) == 3
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
             raise UsageError(f"{what} must be three integers min, opt, max; got {value!r}")
-        low, opt, high = value
-        if not 1 <= low <= opt <= high:
-            raise UsageError(f"{what} must satisfy 1 <= min <= opt <= max; got {low}, {opt}, {high}")
-        return cls(low, opt, high)
+        try:
+            return cls(*value)
+        except ValueError as exc:
+            raise UsageError(f"{what} {exc}") from None
 
     def values(self) -> tuple[int, ...]:
         """The distinct sizes, smallest first."""
         return tuple(sorted({self.min, self.opt, self.max}))
 
+    def contains(self, size: int) -> bool:
+        return self.min <= size <= self.max
+
+    def to_data(self) -> list[int]:
+        return [self.min, self.opt, self.max]
+
 
 @dataclass(frozen=True)
 class Profile:
+    """The shapes the model serves: batch and sequence min/opt/max (the sequence max is the truncation length)."""
+
     batch: Range
     sequence: Range
 
@@ -53,9 +102,13 @@ DEFAULT_BATCH, DEFAULT_SEQUENCE = Range(1, 8, 32), Range(2, 128, 256)
 class Source:
     """Where weights and tokenizer come from: exactly one of an embedded package, a local folder or a hub id."""
 
-    package: str | None = None
-    path: str | None = None
-    hub: str | None = None
+    package: str = ""
+    path: str = ""
+    hub: str = ""
+
+    def __post_init__(self):
+        given = [name for name in ("package", "path", "hub") if getattr(self, name)]
+        _check(len(given) == 1, f"needs exactly one of package, path, hub; got {given or 'none'}")
 
     def describe(self) -> str:
         if self.package:
@@ -66,110 +119,372 @@ class Source:
 
 
 @dataclass(frozen=True)
+class Export:
+    opset: int = 17
+
+    def __post_init__(self):
+        _check(11 <= self.opset <= 23, f"opset must be between 11 and 23; got {self.opset}")
+
+
+@dataclass(frozen=True)
 class Tolerances:
-    max_abs: float = 1e-4
-    min_cosine: float = 0.9999
-    min_argmax_agreement: float = 1.0
+    """One gate: how far a candidate may be from PyTorch, and from itself when its batch mates change."""
+
+    max_abs: float = 1e-4  # largest |candidate - torch| over real (non-padded) positions
+    min_cosine: float = 0.9999  # worst cosine of the metric output (embeddings)
+    min_argmax_agreement: float = 1.0  # share of equal argmax (classifiers)
+    max_invariance: float = 1e-5  # largest |alone - inside a batch| over real positions, per text
+
+    def __post_init__(self):
+        _check(self.max_abs >= 0 and self.max_invariance >= 0, "max_abs and max_invariance must be >= 0")
+        _check(-1 <= self.min_cosine <= 1, f"min_cosine must be within -1..1; got {self.min_cosine}")
+        _check(0 <= self.min_argmax_agreement <= 1,
+               f"min_argmax_agreement must be within 0..1; got {self.min_argmax_agreement}")
+
+
+@dataclass(frozen=True)
+class Gates:
+    """The one table of gates: each optimization level and engine precision is checked against one of these
+    (LEVEL_GATES, ENGINE_GATES), and the manifest names the gate every published graph passed."""
+
+    fp32: Tolerances = Tolerances()  # the export, plain and fused graphs, fp32 engines
+    int8: Tolerances = Tolerances(max_abs=math.inf, min_cosine=0.995, min_argmax_agreement=0.99, max_invariance=1e-3)
+    fp16: Tolerances = Tolerances(max_abs=2e-2, min_cosine=0.9999, min_argmax_agreement=1.0, max_invariance=1e-3)
+
+    def for_level(self, level: str) -> tuple[str, Tolerances]:
+        name = LEVEL_GATES[level]
+        return name, getattr(self, name)
+
+    def for_engine(self, precision: str) -> tuple[str, Tolerances]:
+        name = ENGINE_GATES[precision]
+        return name, getattr(self, name)
+
+
+@dataclass(frozen=True)
+class OnnxRuntimeOptions:
+    """Session options Triton's onnxruntime backend reads from a config; the portable model reads the same."""
+
+    intra_op_thread_count: int = 0  # 0: ONNX Runtime's default (one per core)
+    inter_op_thread_count: int = 0
+    execution_mode: Literal["sequential", "parallel"] = "sequential"
+    graph_optimization_level: Literal["all", "extended", "basic", "disabled"] = "all"
+
+    def __post_init__(self):
+        _check(self.intra_op_thread_count >= 0 and self.inter_op_thread_count >= 0, "thread counts must be >= 0")
+
+
+@dataclass(frozen=True)
+class Serving:
+    """The [serving] section: which models are published and how Triton runs them."""
+
+    targets: tuple[Literal["onnxruntime", "python", "tensorrt"], ...] = ("onnxruntime", "python")
+    text_input: str = "text"  # the ensembles' public input
+    device: Literal["cpu", "gpu"] = "cpu"  # what the graph is optimized for; instance kind of <name>_onnx
+    instances: int = 1
+    tokenizer_instances: int = 1
+    preferred_batch_sizes: tuple[int, ...] = ()  # empty: the profile's opt and max batch
+    max_queue_delay_us: int = 1000
+    tensorrt_accelerator: bool = False  # GPU only: ONNX Runtime's TensorRT execution provider
+    tensorrt_precision: Literal["FP32", "FP16"] = "FP16"
+    onnxruntime: OnnxRuntimeOptions = OnnxRuntimeOptions()
+
+    def __post_init__(self):
+        _check(bool(self.targets), "targets must name at least one target")
+        _check(len(set(self.targets)) == len(self.targets), f"targets repeats a target: {list(self.targets)}")
+        _check(bool(self.text_input), "text_input must not be empty")
+        _check(self.instances >= 1 and self.tokenizer_instances >= 1, "instance counts must be >= 1")
+        _check(all(size >= 1 for size in self.preferred_batch_sizes), "preferred_batch_sizes must be >= 1")
+        _check(self.max_queue_delay_us >= 0, "max_queue_delay_us must be >= 0")
+        _check(not self.tensorrt_accelerator or self.device == "gpu", "tensorrt_accelerator needs device = \"gpu\"")
+
+    def batch_sizes(self, profile: Profile) -> tuple[int, ...]:
+        return self.preferred_batch_sizes or tuple(sorted({profile.batch.opt, profile.batch.max}))
+
+
+@dataclass(frozen=True)
+class Int8Settings:
+    per_channel: bool = True  # per-output-channel weight scales (worst cosine 0.95 vs 0.85 per-tensor on MiniLM)
+    smooth: bool = True  # move activation outliers into the weights before quantizing
+    max_residual_nodes: int = 4  # most MatMul nodes the search may give a weight residual (tried first: cheaper)
+    max_fp32_nodes: int = 4  # most MatMul/Attention nodes the search may keep in fp32
+
+    def __post_init__(self):
+        _check(self.max_residual_nodes >= 0 and self.max_fp32_nodes >= 0, "node limits must be >= 0")
+
+
+@dataclass(frozen=True)
+class Optimize:
+    """The [optimize] section: the levels tried per device (the fastest that passes its gate ships)."""
+
+    cpu: tuple[str, ...] = ("plain", "fused", "int8")
+    gpu: tuple[str, ...] = ("plain", "fused", "fp16")
+    expect_fused_attention: bool = True  # warn, naming the cause, when the optimizer fuses no attention
+    int8: Int8Settings = Int8Settings()
+
+    def __post_init__(self):
+        for device in DEVICES:
+            check_levels(device, getattr(self, device))
+
+    def levels(self, device: str) -> tuple[str, ...]:
+        return getattr(self, device)
+
+
+def check_levels(device: str, levels: tuple[str, ...]) -> None:
+    _check(bool(levels), f"{device}: name at least one level")
+    for level in levels:
+        _check(level in LEVEL_DEVICES, f"{device}: unknown level '{level}'; known levels are {', '.join(LEVEL_DEVICES)}")
+        _check(device in LEVEL_DEVICES[level],
+               f"{device}: level '{level}' is for {', '.join(LEVEL_DEVICES[level])}, not {device}")
+
+
+@dataclass(frozen=True)
+class EngineProfile:
+    """One TensorRT optimization profile: a batch and a sequence range inside the recipe's profile (each
+    defaults to the recipe's)."""
+
+    name: str
+    batch: Range | None = None
+    sequence: Range | None = None
+
+    def contains(self, batch: int, sequence: int) -> bool:
+        return self.batch.contains(batch) and self.sequence.contains(sequence)
+
+
+@dataclass(frozen=True)
+class TensorRT:
+    """The [tensorrt] section: the engine for Triton's tensorrt_plan backend."""
+
+    precision: Literal["fp32", "fp16"] = "fp32"
+    fp16_method: Literal["graph", "flag"] = "graph"  # an fp16 ONNX graph (strongly typed), or BuilderFlag.FP16
+    workspace_mib: int = 1024
+    triton_release: str = "24.10"
+    profiles: tuple[EngineProfile, ...] = ()  # empty: one profile equal to the recipe's
+
+    def __post_init__(self):
+        _check(self.workspace_mib > 0, f"workspace_mib must be a positive integer; got {self.workspace_mib}")
+        _check(self.triton_release in TRITON_TENSORRT,
+               f"unknown Triton release '{self.triton_release}'; known: {', '.join(TRITON_TENSORRT)}")
+        names = [profile.name for profile in self.profiles]
+        _check(len(set(names)) == len(names), f"profile names must be unique; got {names}")
 
 
 @dataclass(frozen=True)
 class Recipe:
     name: str
-    task: str
+    task: Literal["embeddings", "sequence-classification"]
     source: Source
     profile: Profile
-    opset: int = 17
-    tolerances: Tolerances = field(default_factory=Tolerances)
     description: str = ""
-    # Stage sections, parsed and checked by the stage that owns them (serving -> render, optimize, tensorrt).
-    sections: dict[str, dict] = field(default_factory=dict)
+    export: Export = Export()
+    gates: Gates = Gates()
+    serving: Serving = Serving()
+    optimize: Optimize = Optimize()
+    tensorrt: TensorRT = TensorRT()
 
-    def section(self, name: str) -> dict:
-        return self.sections.get(name, {})
+    @property
+    def opset(self) -> int:
+        return self.export.opset
+
+    @property
+    def engine_profiles(self) -> tuple[EngineProfile, ...]:
+        """The TensorRT profiles, each range filled in from the recipe's profile (one equal to it by default)."""
+        entries = self.tensorrt.profiles or (EngineProfile("default"),)
+        return tuple(EngineProfile(entry.name, entry.batch or self.profile.batch,
+                                   entry.sequence or self.profile.sequence) for entry in entries)
+
+    @property
+    def engine_max_batch_size(self) -> int:
+        """The largest batch every engine profile accepts: Triton's max_batch_size for the plan."""
+        return min(profile.batch.max for profile in self.engine_profiles)
 
     def replace(self, **changes) -> "Recipe":
         return dataclasses.replace(self, **changes)
+
+    def to_data(self) -> dict:
+        """The recipe as TOML-shaped data (what parse_recipe reads); the manifest records it."""
+        return _to_data(self)
+
+    def override(self, data: dict, where: str = "override") -> "Recipe":
+        """The recipe with `data` (TOML-shaped, e.g. {"tensorrt": {"precision": "fp16"}}) merged in, checked whole."""
+        return parse_recipe(_merge(self.to_data(), data), where)
+
+
+# ---- parsing ---------------------------------------------------------------------------------------------------
+
+
+def parse_recipe(data: dict, where: str) -> Recipe:
+    """Build a Recipe from parsed TOML; UsageError naming the file, section and key of anything wrong."""
+    recipe = _parse(Recipe, data, where, "")
+    _check_across_sections(recipe, where)
+    return recipe
+
+
+def _parse(kind, value, where: str, key: str, base=dataclasses.MISSING):
+    """`value` as type `kind`; `base` is the default a partial table is merged into."""
+    path = f"{where}: {_describe_key(key)}" if key else where
+    origin, arguments = typing.get_origin(kind), typing.get_args(kind)
+    if kind is Range:
+        return Range.parse(path, value)
+    if dataclasses.is_dataclass(kind):
+        return _parse_table(kind, value, where, key, base)
+    if origin in (types.UnionType, typing.Union):  # X | None: TOML has no null, so a value is always an X
+        return _parse(next(a for a in arguments if a is not type(None)), value, where, key, base)
+    if origin is Literal:
+        if value not in arguments:
+            raise UsageError(f"{path} must be one of {', '.join(map(repr, arguments))}; got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise UsageError(f"{path} must be a list; got {value!r}")
+        return tuple(_parse(arguments[0], item, where, f"{key}[{index}]") for index, item in enumerate(value))
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UsageError(f"{path} must be a number; got {value!r}")
+        return float(value)
+    if kind in (int, str, bool):
+        if type(value) is not kind:
+            raise UsageError(f"{path} must be {_KIND_NAMES[kind]}; got {value!r}")
+        return value
+    raise TypeError(f"the recipe schema has no parser for {kind}")
+
+
+_KIND_NAMES = {int: "an integer", str: "a string", bool: "true or false"}
+
+
+def _parse_table(kind, value, where: str, key: str, base):
+    path = f"{where}: [{key}]" if key else where
+    if not isinstance(value, dict):
+        raise UsageError(f"{path} must be a table; got {value!r}")
+    fields = {f.name: f for f in dataclasses.fields(kind)}
+    for name in value:
+        if name not in fields:
+            close = difflib.get_close_matches(name, fields, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(fields)}"
+            raise UsageError(f"{path}: unknown key '{name}'{hint}")
+    hints = typing.get_type_hints(kind)
+    values = {}
+    for name, spec in fields.items():
+        default = getattr(base, name) if base is not dataclasses.MISSING else _field_default(spec)
+        child = f"{key}.{name}" if key else name
+        if name in value:
+            values[name] = _parse(hints[name], value[name], where, child, default)
+        elif default is dataclasses.MISSING:
+            raise UsageError(f"{where}: {_describe_key(child)} is missing ({_expected(hints[name])})")
+        else:
+            values[name] = default
+    try:
+        return kind(**values)
+    except ValueError as exc:
+        raise UsageError(f"{path}: {exc}") from None
+
+
+def _field_default(spec: dataclasses.Field):
+    if spec.default is not dataclasses.MISSING:
+        return spec.default
+    if spec.default_factory is not dataclasses.MISSING:
+        return spec.default_factory()
+    return dataclasses.MISSING
+
+
+def _describe_key(key: str) -> str:
+    """'tensorrt.workspace_mib' as a reader finds it in the file: [tensorrt] workspace_mib."""
+    section, _, rest = key.rpartition(".")
+    return f"[{section}] {rest}" if section else f"'{rest}'"
+
+
+def _expected(kind) -> str:
+    if dataclasses.is_dataclass(kind):
+        return "a table"
+    return _KIND_NAMES.get(kind, str(kind))
+
+
+def _check_across_sections(recipe: Recipe, where: str) -> None:
+    """Engine profiles inside and covering the recipe's profile; preferred batch sizes within it."""
+    for index, profile in enumerate(recipe.engine_profiles):
+        for axis in ("batch", "sequence"):
+            inner, outer = getattr(profile, axis), getattr(recipe.profile, axis)
+            if inner.min < outer.min or inner.max > outer.max:
+                raise UsageError(f"{where}: [tensorrt] profiles[{index}] ({profile.name}): {axis} "
+                                 f"{inner.min}..{inner.max} is outside the recipe's {outer.min}..{outer.max}")
+    batch, sequence = recipe.profile.batch, recipe.profile.sequence
+    for b, s in itertools.product(range(batch.min, batch.max + 1), range(sequence.min, sequence.max + 1)):
+        if not any(profile.contains(b, s) for profile in recipe.engine_profiles):
+            raise UsageError(f"{where}: [tensorrt] profiles: no profile accepts batch {b} x sequence {s}, which the "
+                             "recipe's profile allows")
+    for size in recipe.serving.preferred_batch_sizes:
+        if size > batch.max:
+            raise UsageError(f"{where}: [serving] preferred_batch_sizes {size} exceeds the profile's max batch "
+                             f"{batch.max}")
+
+
+def _to_data(value):
+    if isinstance(value, Range):
+        return value.to_data()
+    if dataclasses.is_dataclass(value):
+        return {f.name: _to_data(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if getattr(value, f.name) is not None}
+    if isinstance(value, tuple):
+        return [_to_data(item) for item in value]
+    return value
+
+
+def _merge(base: dict, changes: dict) -> dict:
+    merged = dict(base)
+    for key, value in changes.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
+            else value
+    return merged
+
+
+# ---- finding recipes ---------------------------------------------------------------------------------------------
 
 
 def known_recipes() -> list[str]:
     return sorted(p.name.removesuffix(".toml") for p in RECIPE_DIR.iterdir() if p.name.endswith(".toml"))
 
 
-def _section(data: dict, key: str, where: str) -> dict:
-    value = data.get(key, {})
-    if not isinstance(value, dict):
-        raise UsageError(f"{where}: [{key}] must be a table")
-    return value
+def load_recipe(model: str, task: str | None = None, overrides: dict | None = None) -> Recipe:
+    """Resolve MODEL (a recipe name, a recipe file, or a local Hugging Face model folder) into a checked recipe.
 
-
-def parse_recipe(data: dict, where: str) -> Recipe:
-    """Build a Recipe from parsed TOML, naming the file and key of anything wrong."""
-    unknown = set(data) - {"name", "description", "task", "source", "export", "profile", "tolerances"} - set(STAGE_SECTIONS)
-    if unknown:
-        raise UsageError(f"{where}: unknown keys {sorted(unknown)}")
-    source_data = _section(data, "source", where)
-    sources = {k: v for k, v in source_data.items() if k in ("package", "path", "hub")}
-    if len(sources) != 1 or set(source_data) - set(sources):
-        raise UsageError(f"{where}: [source] needs exactly one of package, path, hub; got {sorted(source_data)}")
-    profile = _section(data, "profile", where)
-    try:
-        tolerances = Tolerances(**_section(data, "tolerances", where))
-    except TypeError as exc:
-        raise UsageError(f"{where}: [tolerances] {exc}") from None
-    for key in ("name", "task"):
-        if not isinstance(data.get(key), str):
-            raise UsageError(f"{where}: '{key}' must be a string")
-    return Recipe(
-        name=data["name"],
-        task=data["task"],
-        description=data.get("description", ""),
-        source=Source(**sources),
-        profile=Profile(
-            batch=Range.parse(f"{where}: profile.batch", profile.get("batch")),
-            sequence=Range.parse(f"{where}: profile.sequence", profile.get("sequence")),
-        ),
-        opset=int(_section(data, "export", where).get("opset", 17)),
-        tolerances=tolerances,
-        sections={key: _section(data, key, where) for key in STAGE_SECTIONS if key in data},
-    )
-
-
-def load_recipe(model: str, task: str | None = None) -> Recipe:
-    """Resolve MODEL: a recipe name, a recipe file, or a local Hugging Face model folder."""
-    candidate = Path(model)
-    if candidate.is_file() and candidate.suffix == ".toml":
-        with candidate.open("rb") as handle:
-            return _with_task(parse_recipe(tomllib.load(handle), str(candidate)), task)
-    if candidate.is_dir():
-        return local_folder_recipe(candidate, task)
+    `overrides` (TOML-shaped, from command-line options) are merged in before the whole recipe is checked.
+    """
+    changes = _merge({"task": task} if task else {}, overrides or {})
+    candidate = Path(model) if model else None
+    if candidate is not None and candidate.is_file() and candidate.suffix == ".toml":
+        return parse_recipe(_merge(_read_toml(candidate.read_bytes(), str(candidate)), changes), str(candidate))
+    if candidate is not None and candidate.is_dir() and (candidate / "config.json").is_file():
+        return parse_recipe(_merge(local_folder_data(candidate), changes), f"model folder {candidate}")
     if model in known_recipes():
-        text = (RECIPE_DIR / f"{model}.toml").read_text()
-        return _with_task(parse_recipe(tomllib.loads(text), f"recipe {model}"), task)
+        text = (RECIPE_DIR / f"{model}.toml").read_bytes()
+        return parse_recipe(_merge(_read_toml(text, f"recipe {model}"), changes), f"recipe {model}")
     raise UsageError(
-        f"unknown model '{model}': known recipes are {', '.join(known_recipes())}, "
-        "or give a recipe .toml file or a local Hugging Face model folder"
+        f"unknown model {model!r}: known recipes are {', '.join(known_recipes())}, "
+        "or give a recipe .toml file or a local Hugging Face model folder (one with a config.json)"
     )
 
 
-def _with_task(recipe: Recipe, task: str | None) -> Recipe:
-    return recipe.replace(task=task) if task else recipe
+def _read_toml(data: bytes, where: str) -> dict:
+    try:
+        return tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise UsageError(f"{where}: not a UTF-8 text file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{where}: not valid TOML: {exc}") from None
 
 
-def local_folder_recipe(folder: Path, task: str | None) -> Recipe:
-    """A recipe for a local model folder: the task given or inferred, the default profile within the model's limits."""
-    from packager.tasks import infer_task
-
+def local_folder_data(folder: Path) -> dict:
+    """Recipe data for a local model folder: the inferred task, the default profile within the model's limits."""
     folder = folder.resolve()
     name = "".join(c if c.isalnum() else "_" for c in folder.name.lower()).strip("_") or "model"
     longest = min(DEFAULT_SEQUENCE.max, *_sequence_limits(folder))
-    sequence = Range(min(DEFAULT_SEQUENCE.min, longest), min(DEFAULT_SEQUENCE.opt, longest), longest)
-    return Recipe(
-        name=name,
-        task=task or infer_task(folder),
-        source=Source(path=str(folder)),
-        profile=Profile(batch=DEFAULT_BATCH, sequence=sequence),
-        description=f"local model folder {folder}",
-    )
+    sequence = [min(DEFAULT_SEQUENCE.min, longest), min(DEFAULT_SEQUENCE.opt, longest), longest]
+    return {
+        "name": name,
+        "task": infer_task(folder),
+        "description": f"local model folder {folder}",
+        "source": {"path": str(folder)},
+        "profile": {"batch": DEFAULT_BATCH.to_data(), "sequence": sequence},
+    }
 
 
 def _sequence_limits(folder: Path) -> list[int]:
@@ -177,7 +492,28 @@ def _sequence_limits(folder: Path) -> list[int]:
     limits = []
     for file, key in (("config.json", "max_position_embeddings"), ("sentence_bert_config.json", "max_seq_length")):
         path = folder / file
-        value = json.loads(path.read_text()).get(key) if path.exists() else None
+        if not path.exists():
+            continue
+        try:
+            value = json.loads(path.read_text()).get(key)
+        except (ValueError, UnicodeDecodeError):
+            raise UsageError(f"{path} is not valid JSON") from None
         if isinstance(value, int) and value > 0:
             limits.append(value)
     return limits
+
+
+def infer_task(folder: Path) -> str:
+    """The task of a local model folder: embeddings for sentence-transformers folders, else from the config."""
+    if (folder / "modules.json").exists() or (folder / "sentence_bert_config.json").exists():
+        return "embeddings"
+    config_path = folder / "config.json"
+    try:
+        architectures = json.loads(config_path.read_text()).get("architectures") or []
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        raise UsageError(f"{config_path} is not a valid JSON object") from None
+    if any(str(a).endswith("ForSequenceClassification") for a in architectures):
+        return "sequence-classification"
+    if any(str(a).endswith("Model") for a in architectures):
+        return "embeddings"
+    raise UsageError(f"cannot infer the task of {folder} (architectures {architectures}); pass TASK= / --task")

@@ -9,9 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import tempfile
-import typing
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
@@ -20,9 +19,10 @@ from transformers import PreTrainedTokenizerBase
 from tritonclient.grpc import model_config_pb2
 
 from packager.errors import PackagerError, UsageError, first_line
-from packager.iospec import IOSpec, TensorSpec
-from packager.recipe import Profile, Recipe
-from packager.tasks import BATCH, SEQUENCE
+from packager.iospec import BATCH, SEQUENCE, IOSpec, TensorSpec
+from packager.recipe import TARGETS as TARGET_NAMES
+from packager.recipe import Profile, Recipe, Serving
+from packager.record import ProfileShapes
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
 PYTHON_MODELS = TEMPLATE_DIR / "python"
@@ -43,80 +43,18 @@ DEVICE_KINDS = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
 # optimization.graph.level as Triton's onnxruntime backend reads it (0 or absent: all optimizations).
 GRAPH_LEVELS = {"all": 0, "extended": 1, "basic": -1, "disabled": 2}
 EXECUTION_MODES = {"sequential": 0, "parallel": 1}
-ACCELERATOR_PRECISIONS = ("FP32", "FP16")
 ACCELERATOR_WORKSPACE_BYTES = 1 << 30
 
 Shape = tuple[int, ...]
 
 
 @dataclass(frozen=True)
-class OnnxRuntimeOptions:
-    """Session options Triton's onnxruntime backend reads from a config; the portable model reads the same."""
-
-    intra_op_thread_count: int = 0  # 0: ONNX Runtime's default (one per core)
-    inter_op_thread_count: int = 0
-    execution_mode: str = "sequential"
-    graph_optimization_level: str = "all"
-
-    def __post_init__(self):
-        _require(self.intra_op_thread_count >= 0, "serving.onnxruntime.intra_op_thread_count must be >= 0")
-        _require(self.inter_op_thread_count >= 0, "serving.onnxruntime.inter_op_thread_count must be >= 0")
-        _require_choice("serving.onnxruntime.execution_mode", self.execution_mode, EXECUTION_MODES)
-        _require_choice("serving.onnxruntime.graph_optimization_level", self.graph_optimization_level, GRAPH_LEVELS)
-
-
-@dataclass(frozen=True)
-class ServingConfig:
-    """The recipe's [serving] section; every key is optional."""
-
-    targets: tuple[str, ...] = ("onnxruntime", "python")
-    text_input: str = "text"  # the ensembles' public input
-    device: str = "cpu"  # instance kind of the onnxruntime model (tensorrt runs on GPU, python on CPU)
-    instances: int = 1
-    tokenizer_instances: int = 1
-    preferred_batch_sizes: tuple[int, ...] = ()  # empty: the profile's opt and max batch
-    max_queue_delay_us: int = 1000
-    tensorrt_accelerator: bool = False  # GPU only: ONNX Runtime's TensorRT execution provider
-    tensorrt_precision: str = "FP16"
-    onnxruntime: OnnxRuntimeOptions = field(default_factory=OnnxRuntimeOptions)
-
-    def __post_init__(self):
-        _require(bool(self.targets), "serving.targets must name at least one target")
-        for target in self.targets:
-            _require_choice("serving.targets", target, TARGETS)
-        _require(len(set(self.targets)) == len(self.targets), f"serving.targets repeats a target: {list(self.targets)}")
-        _require(bool(self.text_input), "serving.text_input must not be empty")
-        _require_choice("serving.device", self.device, DEVICE_KINDS)
-        _require(self.instances >= 1 and self.tokenizer_instances >= 1, "serving instance counts must be >= 1")
-        _require(all(size >= 1 for size in self.preferred_batch_sizes), "serving.preferred_batch_sizes must be >= 1")
-        _require(self.max_queue_delay_us >= 0, "serving.max_queue_delay_us must be >= 0")
-        _require_choice("serving.tensorrt_precision", self.tensorrt_precision, ACCELERATOR_PRECISIONS)
-        _require(not self.tensorrt_accelerator or self.device == "gpu",
-                 "serving.tensorrt_accelerator needs serving.device = \"gpu\"")
-
-    @classmethod
-    def from_recipe(cls, recipe: Recipe) -> "ServingConfig":
-        """Parse the recipe's [serving] table (defaults where it is absent), naming any bad key."""
-        table = dict(recipe.section("serving"))
-        where = f"recipe {recipe.name}: [serving]"
-        options = _parse_table(OnnxRuntimeOptions, table.pop("onnxruntime", {}), f"{where}.onnxruntime")
-        serving = _parse_table(cls, table, where, onnxruntime=options)
-        for size in serving.preferred_batch_sizes:
-            _require(size <= recipe.profile.batch.max,
-                     f"{where} preferred_batch_sizes {size} exceeds the profile's max batch {recipe.profile.batch.max}")
-        return serving
-
-    def batch_sizes(self, profile: Profile) -> tuple[int, ...]:
-        return self.preferred_batch_sizes or tuple(sorted({profile.batch.opt, profile.batch.max}))
-
-
-@dataclass(frozen=True)
 class TensorRTPlan:
-    """A deployable engine: its optimization profiles in index order (input name -> (min, opt, max) shape, batch
-    axis first) and the largest batch the engine serves (the plan's max_batch_size)."""
+    """A deployable engine: its optimization profiles in index order (batch axis first in every shape) and the
+    largest batch the engine serves (the plan's max_batch_size)."""
 
     path: Path
-    profiles: tuple[Mapping[str, tuple[Shape, Shape, Shape]], ...]
+    profiles: tuple[ProfileShapes, ...]
     max_batch_size: int
 
 
@@ -140,6 +78,7 @@ class RenderedModel:
     template: str
     context: Mapping[str, object]
     files: Mapping[str, Path | bytes]
+    runs: str | None = None  # what answers its requests: "onnx" (the shipped graph), "plan" (TensorRT); None: text only
 
     def config_text(self, version: int) -> str:
         """config.pbtxt for `version`, checked against Triton's schema."""
@@ -153,24 +92,26 @@ class Target:
     model_suffix: str
     ensemble_suffix: str
     build: Callable[[str, "_Inputs"], RenderedModel]
-    needs_engine: bool = False
+    runs: str = "onnx"  # what the model serves: "onnx" (the shipped graph) or "plan" (a TensorRT engine)
+
+    @property
+    def needs_engine(self) -> bool:
+        return self.runs == "plan"
 
 
 @dataclass(frozen=True)
 class _Inputs:
     recipe: Recipe
     spec: IOSpec
-    serving: ServingConfig
+    serving: Serving
     artifacts: Artifacts
 
 
-def render_repository(
-    recipe: Recipe, spec: IOSpec, serving: ServingConfig, artifacts: Artifacts
-) -> list[RenderedModel]:
-    """The tokenizer, then per target (tensorrt only with an engine) its model and its ensemble, schema-checked.
-
-    The order is the publish order: every ensemble after the steps it pins.
+def render_repository(recipe: Recipe, spec: IOSpec, artifacts: Artifacts) -> list[RenderedModel]:
+    """The tokenizer, then per target of the recipe's [serving] (tensorrt only with an engine) its model and its
+    ensemble, schema-checked. The order is the publish order: every ensemble after the steps it pins.
     """
+    serving = recipe.serving
     _check_spec(spec, serving)
     inputs = _Inputs(recipe, spec, serving, artifacts)
     tokenizer = _tokenizer_model(f"{recipe.name}_tokenizer", inputs)
@@ -179,8 +120,9 @@ def render_repository(
         target = TARGETS[target_name]
         if target.needs_engine and artifacts.tensorrt is None:
             continue
-        model = target.build(recipe.name + target.model_suffix, inputs)
-        models += [model, _ensemble(recipe.name + target.ensemble_suffix, tokenizer.name, model, inputs)]
+        model = dataclasses.replace(target.build(recipe.name + target.model_suffix, inputs), runs=target.runs)
+        ensemble = _ensemble(recipe.name + target.ensemble_suffix, tokenizer.name, model, inputs)
+        models += [model, dataclasses.replace(ensemble, runs=target.runs)]
     for model in models:
         model.config_text(1)
     return models
@@ -246,7 +188,7 @@ def _tensorrt_model(name: str, inputs: _Inputs) -> RenderedModel:
     context["max_batch_size"] = plan.max_batch_size
     sizes = [size for size in context["batching"]["preferred_batch_sizes"] if size <= plan.max_batch_size]
     context["batching"]["preferred_batch_sizes"] = sizes or [plan.max_batch_size]
-    context["instance"]["profiles"] = [str(index) for index in range(len(plan.profiles))]
+    context["instance"]["profiles"] = [str(profile.index) for profile in plan.profiles]
     context["warmup"] = _warmup(inputs.spec, _plan_shapes(plan))
     return RenderedModel(name, "tensorrt.pbtxt.j2", context, {"model.plan": plan.path})
 
@@ -297,8 +239,9 @@ def _ensemble(name: str, tokenizer: str, model: RenderedModel, inputs: _Inputs) 
 TARGETS: dict[str, Target] = {
     "onnxruntime": Target("_onnx", "", _onnxruntime_model),
     "python": Target("_onnx_python", "_python", _python_model),
-    "tensorrt": Target("_tensorrt_plan", "_tensorrt", _tensorrt_model, needs_engine=True),
+    "tensorrt": Target("_tensorrt_plan", "_tensorrt", _tensorrt_model, runs="plan"),
 }
+assert tuple(TARGETS) == TARGET_NAMES, "every target the recipe schema knows is rendered"
 
 
 def _model_context(name: str, inputs: _Inputs, kind: str, ragged: bool) -> dict:
@@ -318,7 +261,7 @@ def _model_context(name: str, inputs: _Inputs, kind: str, ragged: bool) -> dict:
     }
 
 
-def _session_options(serving: ServingConfig, accelerate: bool) -> dict:
+def _session_options(serving: Serving, accelerate: bool) -> dict:
     options = serving.onnxruntime
     accelerator = None
     if accelerate and serving.tensorrt_accelerator:
@@ -341,7 +284,7 @@ def _tensor(tensor: TensorSpec, ragged: bool = False) -> dict:
     return {"name": tensor.name, "data_type": tensor.triton_type, "dims": tensor.triton_dims(BATCH), "ragged": ragged}
 
 
-def _text_tensor(serving: ServingConfig) -> dict:
+def _text_tensor(serving: Serving) -> dict:
     return {"name": serving.text_input, "data_type": "TYPE_STRING", "dims": [1], "ragged": False}
 
 
@@ -371,8 +314,8 @@ def _plan_shapes(plan: TensorRTPlan) -> list[dict[str, Shape]]:
     for profile in plan.profiles:
         for end in (0, 2):
             shape = {name: (min(shapes[end][0], plan.max_batch_size), *shapes[end][1:])
-                     for name, shapes in profile.items()}
-            if all(shape[name][0] >= shapes[0][0] for name, shapes in profile.items()) and shape not in samples:
+                     for name, shapes in profile.shapes.items()}
+            if all(shape[name][0] >= shapes[0][0] for name, shapes in profile.shapes.items()) and shape not in samples:
                 samples.append(shape)
     return samples
 
@@ -380,7 +323,7 @@ def _plan_shapes(plan: TensorRTPlan) -> list[dict[str, Shape]]:
 # ---- checks and tokenizer facts -------------------------------------------------------------------------------
 
 
-def _check_spec(spec: IOSpec, serving: ServingConfig) -> None:
+def _check_spec(spec: IOSpec, serving: Serving) -> None:
     """Triton batching needs the batch axis first; inputs may have no other dynamic axis than the sequence."""
     for tensor in spec.inputs + spec.outputs:
         if not tensor.dims or tensor.dims[0] != BATCH:
@@ -398,16 +341,16 @@ def _check_profiles(plan: TensorRTPlan, spec: IOSpec) -> None:
     if not plan.profiles:
         raise PackagerError(f"TensorRT engine {plan.path} comes with no optimization profiles")
     for index, profile in enumerate(plan.profiles):
-        if set(profile) != set(spec.input_names):
+        if set(profile.shapes) != set(spec.input_names):
             raise PackagerError(
-                f"TensorRT profile {index} sizes {sorted(profile)}; the graph's inputs are {spec.input_names}"
+                f"TensorRT profile {index} sizes {sorted(profile.shapes)}; the graph's inputs are {spec.input_names}"
             )
         for tensor in spec.inputs:
-            if any(len(shape) != len(tensor.dims) for shape in profile[tensor.name]):
+            if any(len(shape) != len(tensor.dims) for shape in profile.shapes[tensor.name]):
                 raise PackagerError(
                     f"TensorRT profile {index} shapes of '{tensor.name}' are not of rank {len(tensor.dims)}"
                 )
-    largest = max(ranges[2][0] for profile in plan.profiles for ranges in profile.values())
+    largest = max(ranges[2][0] for profile in plan.profiles for ranges in profile.shapes.values())
     if not 1 <= plan.max_batch_size <= largest:
         raise PackagerError(
             f"TensorRT max_batch_size {plan.max_batch_size} is outside the engine's batch range 1..{largest}"
@@ -452,41 +395,3 @@ def _tokenizer_files(tokenizer: PreTrainedTokenizerBase) -> dict[str, bytes]:
     with tempfile.TemporaryDirectory(prefix="tokenizer-") as folder:
         tokenizer.save_pretrained(folder)
         return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
-
-
-# ---- recipe parsing -------------------------------------------------------------------------------------------
-
-
-def _parse_table(cls: type, table: Mapping[str, object], where: str, **given):
-    """Build dataclass `cls` from a TOML table, checking names and types against the fields' defaults."""
-    if not isinstance(table, Mapping):
-        raise UsageError(f"{where} must be a table")
-    known = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(table) - set(known) - set(given))
-    if unknown:
-        raise UsageError(f"{where}: unknown keys {unknown}; known keys are {', '.join(known)}")
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for key, value in table.items():
-        expected = hints[key]
-        if typing.get_origin(expected) is tuple:
-            element = typing.get_args(expected)[0]
-            _require(isinstance(value, list) and all(type(v) is element for v in value),
-                     f"{where}: {key} must be a list of {element.__name__}, not {value!r}")
-            value = tuple(value)
-        else:
-            _require(type(value) is expected, f"{where}: {key} must be a {expected.__name__}, not {value!r}")
-        values[key] = value
-    try:
-        return cls(**values, **given)
-    except UsageError as exc:
-        raise UsageError(f"{where}: {exc}") from None
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise UsageError(message)
-
-
-def _require_choice(what: str, value: object, choices: Mapping | tuple) -> None:
-    _require(value in choices, f"{what} must be one of {', '.join(map(str, choices))}; got {value!r}")

@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
-import hashlib
 import importlib.util
 import json
 import os
-import platform
 import py_compile
 import re
 import shutil
@@ -32,22 +30,17 @@ import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Protocol
 
 from packager.console import say
 from packager.errors import PackagerError, UsageError, first_line
-from packager.iospec import IOSpec
-from packager.recipe import Recipe
+from packager.record import MANIFEST_FILE, Gate, Manifest, Release, sha256
 
 CONFIG_FILE = "config.pbtxt"
-MANIFEST_FILE = "manifest.json"
 JOURNAL_FILE = "journal.json"
 COMMITTED_FILE = "committed"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # Triton model names; no separators, no leading dot
-RECORDED_PACKAGES = ("torch", "transformers", "onnx", "onnxruntime", "tritonclient")
 
 
 class Publishable(Protocol):
@@ -92,14 +85,16 @@ def versions(model_dir: Path) -> list[int]:
 def publish(
     repo_root: Path | str,
     models: Sequence[Publishable],
-    manifest: Mapping[str, object],
+    release: Release,
+    gates: Mapping[str, Gate | None],
     version: int | None = None,
     force: bool = False,
 ) -> PublishResult:
     """Add `version` (default: the next free one) of every model to the repository, atomically.
 
     `models` come in dependency order (steps before the ensembles that pin them), as render_repository returns
-    them. An existing version is replaced only with `force`.
+    them; each version folder gets a manifest of `release` with the model's gate (`gates`, by model name). An
+    existing version is replaced only with `force`.
     """
     root = Path(repo_root).absolute()
     _check_models(models)
@@ -109,7 +104,7 @@ def publish(
         chosen = _choose_version(root, [m.name for m in models], version, force)
         transaction = Path(tempfile.mkdtemp(prefix="txn-", dir=workspace))
         try:
-            moves = _stage(root, transaction, models, chosen, manifest)
+            moves = _stage(root, transaction, models, chosen, release, gates)
             _write_journal(transaction, moves)
             for move in moves:
                 _apply(move)
@@ -130,25 +125,6 @@ def recover(repo_root: Path | str) -> int:
         return 0
     with _locked(workspace, root):
         return _recover(root, workspace)
-
-
-def build_manifest(
-    recipe: Recipe, spec: IOSpec, weights_sha256: str, parity: Sequence[Mapping], **extra: Mapping
-) -> dict:
-    """The facts that reproduce a version; `extra` adds stage records (e.g. optimize=..., tensorrt=...)."""
-    manifest = {
-        "recipe": dataclasses.asdict(recipe),
-        "source": {"where": recipe.source.describe(), "weights_sha256": weights_sha256},
-        "packages": {"python": platform.python_version(), **_package_versions()},
-        "iospec": dataclasses.asdict(spec),
-        "profile": dataclasses.asdict(recipe.profile),
-        "parity": list(parity),
-        "created": _now(),
-    }
-    clashes = sorted(set(extra) & set(manifest))
-    if clashes:
-        raise PackagerError(f"manifest extras {clashes} would replace the base record")
-    return {**manifest, **extra}
 
 
 # ---- staging -------------------------------------------------------------------------------------------------
@@ -205,14 +181,15 @@ def _choose_version(root: Path, names: list[str], version: int | None, force: bo
     return version
 
 
-def _stage(root: Path, transaction: Path, models: Sequence[Publishable], version: int, manifest: Mapping) -> list[Move]:
+def _stage(root: Path, transaction: Path, models: Sequence[Publishable], version: int, release: Release,
+           gates: Mapping[str, Gate | None]) -> list[Move]:
     """Write every model's version folder and config under `transaction`; return the renames, in order."""
     folders, configs = [], []
-    names = [model.name for model in models]
+    names = tuple(model.name for model in models)
     for model in models:
         staged = transaction / "stage" / model.name
-        record = {**manifest, "model": model.name, "models": names, "version": version}
-        _write_version(staged / str(version), model, record)
+        manifest = Manifest(model.name, names, version, gates.get(model.name), release, {})
+        _write_version(staged / str(version), model, manifest)
         (staged / CONFIG_FILE).write_text(model.config_text(version))
         target = root / model.name
         if not target.exists():  # a new model folder appears in one rename, config and version together
@@ -230,14 +207,13 @@ def _stage(root: Path, transaction: Path, models: Sequence[Publishable], version
     return folders + configs
 
 
-def _write_version(folder: Path, model: Publishable, manifest: Mapping) -> None:
+def _write_version(folder: Path, model: Publishable, manifest: Manifest) -> None:
     folder.mkdir(parents=True)
     for relative, source in model.files.items():
         _write_file(folder / relative, source, model.name)
     compiled = [_byte_compile(folder, relative, model.name) for relative in model.files if _backend_module(relative)]
-    digests = {relative: _sha256(folder / relative) for relative in [*model.files, *compiled]}
-    record = {**manifest, "published": _now(), "files": digests}
-    (folder / MANIFEST_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
+    digests = {relative: sha256(folder / relative) for relative in [*model.files, *compiled]}
+    dataclasses.replace(manifest, files=digests).write(folder)
 
 
 def _write_file(path: Path, source: Path | bytes, model_name: str) -> None:
@@ -332,25 +308,3 @@ def _recover(root: Path, workspace: Path) -> int:
 
 
 # ---- small helpers ---------------------------------------------------------------------------------------------
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _package_versions() -> dict[str, str | None]:
-    found = {}
-    for name in RECORDED_PACKAGES:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = None
-    return found
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")

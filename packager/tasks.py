@@ -6,9 +6,7 @@ order) and returns a tuple of tensors, which both exporters and the validator ca
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -16,8 +14,7 @@ import torch.nn.functional as F
 from transformers import AutoModel, AutoModelForSequenceClassification, PreTrainedModel
 
 from packager.errors import PackagerError, UsageError
-
-BATCH, SEQUENCE = "batch", "sequence"
+from packager.iospec import BATCH, SEQUENCE
 
 
 @dataclass(frozen=True)
@@ -95,18 +92,3 @@ def get_task(name: str) -> Task:
         return TASKS[name]
     except KeyError:
         raise UsageError(f"unknown task '{name}': known tasks are {', '.join(TASKS)}") from None
-
-
-def infer_task(folder: Path) -> str:
-    """The task of a local model folder: embeddings for sentence-transformers folders, else from the config."""
-    if (folder / "modules.json").exists() or (folder / "sentence_bert_config.json").exists():
-        return "embeddings"
-    config_path = folder / "config.json"
-    if not config_path.exists():
-        raise UsageError(f"{folder} has no config.json: not a Hugging Face model folder")
-    architectures = json.loads(config_path.read_text()).get("architectures") or []
-    if any(a.endswith("ForSequenceClassification") for a in architectures):
-        return "sequence-classification"
-    if any(a.endswith("Model") for a in architectures):
-        return "embeddings"
-    raise UsageError(f"cannot infer the task of {folder} (architectures {architectures}); pass TASK= / --task")

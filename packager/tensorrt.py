@@ -23,15 +23,15 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from types import ModuleType
-from typing import Literal, Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 
 from packager.console import say
 from packager.errors import PackagerError, UsageError
-from packager.iospec import IOSpec, TensorSpec
-from packager.recipe import Range, Recipe, Tolerances
-from packager.tasks import BATCH, SEQUENCE
+from packager.iospec import BATCH, SEQUENCE, IOSpec, TensorSpec
+from packager.recipe import TRITON_TENSORRT, EngineProfile, Recipe, TensorRT
+from packager.record import EngineFacts, EngineStats, EngineStatus, ProfileShapes
 from packager.validate import Inputs, Runner
 
 ENGINE_FILE, FP16_GRAPH_FILE = "model.plan", "model.fp16.onnx"
@@ -105,20 +105,6 @@ def select_backend(choice: str = "auto", backends: Mapping[str, Backend] = BACKE
 
 # --- Triton release -> TensorRT ----------------------------------------------------------------------------------
 
-# A plan only loads in the Triton release whose TensorRT built it. NGC py3 containers (Triton release notes and
-# the NVIDIA Deep Learning Frameworks support matrix); the TensorRT container of the same release ships the same
-# TensorRT plus trtexec.
-TRITON_TENSORRT: dict[str, str] = {
-    "24.09": "10.4",
-    "24.10": "10.5",
-    "24.11": "10.6",
-    "24.12": "10.7",
-    "25.01": "10.8",
-    "25.02": "10.8",
-    "25.03": "10.9",
-}
-
-
 @dataclass(frozen=True)
 class TargetCheck:
     release: str
@@ -143,119 +129,6 @@ def check_target(release: str, loaded: LoadedBackend) -> TargetCheck:
 
 def container_image(release: str) -> str:
     return f"nvcr.io/nvidia/tensorrt:{release}-py3"
-
-
-# --- settings (the recipe's [tensorrt] section) --------------------------------------------------------------------
-
-PRECISIONS = ("fp32", "fp16")
-FP16_METHODS = ("graph", "flag")  # an fp16 ONNX graph (strongly typed), or BuilderFlag.FP16 (weakly typed)
-
-
-@dataclass(frozen=True)
-class EngineProfile:
-    """One optimization profile: a batch and a sequence range, inside the recipe's profile."""
-
-    name: str
-    batch: Range
-    sequence: Range
-
-    def contains(self, batch: int, sequence: int) -> bool:
-        return self.batch.min <= batch <= self.batch.max and self.sequence.min <= sequence <= self.sequence.max
-
-
-@dataclass(frozen=True)
-class TensorRTSettings:
-    profiles: tuple[EngineProfile, ...]
-    precision: str = "fp32"
-    fp16_method: str = "graph"
-    workspace_mib: int = 1024
-    triton_release: str = "24.10"
-    fp16_tolerances: Tolerances | None = None  # the gate for fp16 engines; fp32 uses the recipe's tolerances
-
-    def gate_tolerances(self, recipe: Recipe) -> Tolerances:
-        return self.fp16_tolerances if self.precision == "fp16" and self.fp16_tolerances else recipe.tolerances
-
-    @property
-    def max_batch_size(self) -> int:
-        """The largest batch every profile accepts: Triton's max_batch_size for the plan."""
-        return min(profile.batch.max for profile in self.profiles)
-
-
-SETTING_KEYS = ("precision", "fp16_method", "workspace_mib", "triton_release", "profiles", "fp16_tolerances")
-
-
-def read_settings(recipe: Recipe, **overrides: object) -> TensorRTSettings:
-    """Parse the recipe's [tensorrt] section (defaults when absent); non-None `overrides` (CLI options) win."""
-    where = f"recipe {recipe.name}: [tensorrt]"
-    section = dict(recipe.section("tensorrt"))
-    unknown = set(section) - set(SETTING_KEYS)
-    if unknown:
-        raise UsageError(f"{where}: unknown keys {sorted(unknown)}; known keys are {', '.join(SETTING_KEYS)}")
-    section.update({key: value for key, value in overrides.items() if value is not None})
-    profiles = _read_profiles(recipe, section.pop("profiles", None), where)
-    tolerances = section.pop("fp16_tolerances", None)
-    try:
-        settings = TensorRTSettings(
-            profiles=profiles, fp16_tolerances=Tolerances(**tolerances) if tolerances is not None else None, **section
-        )
-    except TypeError as exc:
-        raise UsageError(f"{where}: {exc}") from None
-    _check_settings(settings, where)
-    return settings
-
-
-def _check_settings(settings: TensorRTSettings, where: str) -> None:
-    checks = (
-        (settings.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {settings.precision!r}"),
-        (settings.fp16_method in FP16_METHODS,
-         f"fp16_method must be one of {FP16_METHODS}, got {settings.fp16_method!r}"),
-        (isinstance(settings.workspace_mib, int) and settings.workspace_mib > 0,
-         f"workspace_mib must be a positive integer, got {settings.workspace_mib!r}"),
-        (settings.triton_release in TRITON_TENSORRT,
-         f"unknown Triton release {settings.triton_release!r}; known: {', '.join(TRITON_TENSORRT)}"),
-    )
-    for ok, message in checks:
-        if not ok:
-            raise UsageError(f"{where}: {message}")
-
-
-def _read_profiles(recipe: Recipe, entries: object, where: str) -> tuple[EngineProfile, ...]:
-    """The [tensorrt] profiles (each batch/sequence defaults to the recipe's), checked to lie inside and cover it."""
-    if entries is None:
-        return (EngineProfile("default", recipe.profile.batch, recipe.profile.sequence),)
-    if not (isinstance(entries, list) and entries and all(isinstance(e, dict) for e in entries)):
-        raise UsageError(f"{where}: profiles must be a non-empty list of tables {{name, batch, sequence}}")
-    profiles = tuple(_read_profile(recipe, entry, f"{where} profile {index}") for index, entry in enumerate(entries))
-    names = [profile.name for profile in profiles]
-    if len(set(names)) != len(names):
-        raise UsageError(f"{where}: profile names must be unique, got {names}")
-    _check_coverage(recipe, profiles, where)
-    return profiles
-
-
-def _read_profile(recipe: Recipe, entry: dict, where: str) -> EngineProfile:
-    unknown = set(entry) - {"name", "batch", "sequence"}
-    if unknown or not isinstance(entry.get("name"), str):
-        raise UsageError(f"{where}: needs a string 'name' and optional 'batch', 'sequence'; got keys {sorted(entry)}")
-    profile = EngineProfile(
-        entry["name"],
-        Range.parse(f"{where} batch", entry["batch"]) if "batch" in entry else recipe.profile.batch,
-        Range.parse(f"{where} sequence", entry["sequence"]) if "sequence" in entry else recipe.profile.sequence,
-    )
-    for axis in ("batch", "sequence"):
-        inner, outer = getattr(profile, axis), getattr(recipe.profile, axis)
-        if inner.min < outer.min or inner.max > outer.max:
-            raise UsageError(f"{where} ({profile.name}): {axis} {inner.min}..{inner.max} is outside the recipe's "
-                             f"{outer.min}..{outer.max}")
-    return profile
-
-
-def _check_coverage(recipe: Recipe, profiles: tuple[EngineProfile, ...], where: str) -> None:
-    """Every batch x sequence the recipe accepts must fit some profile, or such requests would fail at serving."""
-    batch, sequence = recipe.profile.batch, recipe.profile.sequence
-    for b, s in itertools.product(range(batch.min, batch.max + 1), range(sequence.min, sequence.max + 1)):
-        if not any(profile.contains(b, s) for profile in profiles):
-            raise UsageError(f"{where}: no profile accepts batch {b} x sequence {s}, which the recipe's profile allows")
 
 
 # --- shapes ------------------------------------------------------------------------------------------------------
@@ -363,63 +236,14 @@ def _build_failure(what: str, logger) -> EngineBuildError:
 
 
 @dataclass(frozen=True)
-class ProfileShapes:
-    """A profile as TensorRT holds it (read back after the build): min/opt/max per dynamic input."""
-
-    name: str
-    index: int
-    shapes: dict[str, ShapeRange]
-
-
-@dataclass(frozen=True)
-class BuildFacts:
-    """What the manifest records about the engine."""
-
-    package: str
-    version: str
-    deployable: bool
-    gpu: str
-    compute_capability: str
-    precision: str
-    fp16_method: str | None
-    onnx: str  # the graph TensorRT parsed
-    workspace_mib: int
-    profiles: tuple[ProfileShapes, ...]
-    build_seconds: float
-    engine_bytes: int
-    timing_cache: dict
-    triton_release: str
-    triton_tensorrt: str
-    tensorrt_matches_triton: bool | None
-
-    def to_dict(self) -> dict:
-        data = dataclasses.asdict(self)
-        data["profiles"] = [
-            {"name": p.name, "index": p.index,
-             "shapes": {name: dict(zip(("min", "opt", "max"), map(list, r))) for name, r in p.shapes.items()}}
-            for p in self.profiles
-        ]
-        return data
-
-
-Status = Literal["deployable", "build-check", "skipped"]
-
-
-@dataclass(frozen=True)
 class EngineResult:
-    status: Status
+    status: EngineStatus
     message: str
     engine_path: Path | None = None  # only for a deployable plan
     network: IOSpec | None = None  # the parsed network's IO
     profiles: tuple[ProfileShapes, ...] = ()
-    facts: BuildFacts | None = None
-    target: TargetCheck | None = None
-    warnings: tuple[str, ...] = ()
-
-    @property
-    def publishable(self) -> bool:
-        """Only a deployable plan may become the `tensorrt_plan` model."""
-        return self.status == "deployable"
+    facts: EngineFacts | None = None
+    stats: EngineStats | None = None
 
     @property
     def triton_profiles(self) -> list[str]:
@@ -448,7 +272,7 @@ BUILD_MODES: dict[str, _Mode] = {
 }
 
 
-def build_mode(settings: TensorRTSettings, backend: Backend) -> _Mode:
+def build_mode(settings: TensorRT, backend: Backend) -> _Mode:
     """How the precision is obtained: the graph's own types (strongly typed), or the FP16 builder flag."""
     mode = BUILD_MODES["fp32" if settings.precision == "fp32" else f"fp16 {settings.fp16_method}"]
     if mode.builder_flags and not backend.fp16_flag:
@@ -460,61 +284,57 @@ def build_mode(settings: TensorRTSettings, backend: Backend) -> _Mode:
 def build_engine(
     onnx_path: Path,
     spec: IOSpec,
-    settings: TensorRTSettings,
+    recipe: Recipe,
     work_dir: Path,
     *,
     cache_dir: Path | None = None,
     backend: str = "auto",
     backends: Mapping[str, Backend] = BACKENDS,
-    fp16_onnx: Path | None = None,
+    fp16_graph: Callable[[], Path] | None = None,
 ) -> EngineResult:
-    """Build the engine of `onnx_path` with the settings' profiles and precision.
+    """Build the engine of `onnx_path` with the recipe's [tensorrt] profiles and precision.
 
     Returns a skipped result when no TensorRT package is there, a build-check result with TensorRT-RTX (nothing
     written), or a deployable plan at work_dir/model.plan, deserialized and checked against the profiles.
-    `cache_dir` holds the timing cache (one file per package and version); `fp16_onnx` an fp16 graph made earlier.
+    `cache_dir` holds the timing cache (one file per package and version); `fp16_graph` makes the fp16 graph an fp16
+    engine of the 'graph' method is built from (packager.optimize.fp16.fp16_graph of `onnx_path`).
     """
-    shapes = [profile_shapes(spec, profile) for profile in settings.profiles]
+    settings = recipe.tensorrt
+    shapes = [profile_shapes(spec, profile) for profile in recipe.engine_profiles]
     try:
         loaded = select_backend(backend, backends)
     except BackendUnavailable as exc:
         return EngineResult("skipped", f"TensorRT step skipped: {exc}")
     target = check_target(settings.triton_release, loaded)
-    notes = (target.message,) if target.matches is False else ()
-    for note in notes:
-        say(f"    warning: {note}")
+    if target.matches is False:
+        say(f"    warning: {target.message}")
     mode = build_mode(settings, loaded.backend)
-    graph = _graph_for(onnx_path, mode, work_dir, fp16_onnx)
+    graph = onnx_path
+    if mode.fp16_graph:
+        if fp16_graph is None:
+            raise PackagerError("an fp16 engine of the 'graph' method needs its fp16 graph (fp16_graph)")
+        graph = fp16_graph()
     cache_file = cache_dir / f"{loaded.backend.module}-{loaded.version}.timing-cache" if cache_dir else None
-    built = _build(loaded, graph, spec, settings, mode, shapes, cache_file)
-    facts = _facts(loaded, settings, graph, built, target, cache_file)
+    built = _build(loaded, graph, spec, recipe, mode, shapes, cache_file)
+    facts = _facts(loaded, settings, graph, built, target)
+    stats = EngineStats(round(built.seconds, 2), str(cache_file) if cache_file else None, built.cache_loaded,
+                        built.cache_saved)
     if not loaded.backend.deployable:
         message = (f"build check with {loaded.describe()}: graph, profiles and precision build, but no deployable "
                    "engine was produced (Triton cannot serve its plans); the tensorrt_plan model is not "
                    "published. Build on a GPU host with TensorRT for a deployable plan.")
-        return EngineResult("build-check", message, None, built.network, built.profiles, facts, target, notes)
+        return EngineResult("build-check", message, None, built.network, built.profiles, facts, stats)
     engine_path = work_dir / ENGINE_FILE
     work_dir.mkdir(parents=True, exist_ok=True)
     engine_path.write_bytes(built.plan)
     profiles = _check_plan(loaded, built.plan, built.profiles)
-    message = f"{loaded.describe()} plan for Triton {settings.triton_release}: {engine_path}"
+    message = f"{loaded.describe()} plan for Triton {settings.triton_release}: {engine_path.name}"
     return EngineResult("deployable", message, engine_path, built.network, profiles,
-                        dataclasses.replace(facts, profiles=profiles), target, notes)
-
-
-def _graph_for(onnx_path: Path, mode: _Mode, work_dir: Path, fp16_onnx: Path | None) -> Path:
-    if not mode.fp16_graph:
-        return onnx_path
-    if fp16_onnx is not None:
-        return fp16_onnx
-    from packager.optimize import fp16_graph
-
-    work_dir.mkdir(parents=True, exist_ok=True)
-    return fp16_graph(onnx_path, work_dir / FP16_GRAPH_FILE)
+                        dataclasses.replace(facts, profiles=profiles), stats)
 
 
 @dataclass(frozen=True)
-class _Built:
+class _SerializedEngine:
     plan: bytes
     network: IOSpec
     profiles: tuple[ProfileShapes, ...]
@@ -523,16 +343,16 @@ class _Built:
     cache_saved: int
 
 
-def _build(loaded, graph, spec, settings, mode, shapes, cache_file) -> _Built:
+def _build(loaded, graph, spec, recipe: Recipe, mode, shapes, cache_file) -> _SerializedEngine:
     trt = loaded.trt
     logger = make_logger(trt)
     builder = trt.Builder(logger)
     network, _parser = _parse(loaded, builder, logger, mode, graph)  # the parser owns the weights: keep it alive
     parsed = network_io(network)
     _check_network(parsed, spec, graph)
-    config = _config(builder, trt, settings, mode)
+    config = _config(builder, trt, recipe.tensorrt, mode)
     profiles = tuple(_add_profile(builder, config, logger, index, profile.name, shape)
-                     for index, (profile, shape) in enumerate(zip(settings.profiles, shapes)))
+                     for index, (profile, shape) in enumerate(zip(recipe.engine_profiles, shapes)))
     _check_profiles(profiles, shapes)
     cache_loaded = _attach_timing_cache(config, cache_file)
     started = time.perf_counter()
@@ -541,7 +361,7 @@ def _build(loaded, graph, spec, settings, mode, shapes, cache_file) -> _Built:
     if plan is None:
         raise _build_failure(f"{loaded.describe()} built no engine from {graph.name}", logger)
     cache_saved = _save_timing_cache(config, cache_file)
-    return _Built(bytes(memoryview(plan)), parsed, profiles, seconds, cache_loaded, cache_saved)
+    return _SerializedEngine(bytes(memoryview(plan)), parsed, profiles, seconds, cache_loaded, cache_saved)
 
 
 def _parse(loaded: LoadedBackend, builder, logger, mode: _Mode, graph: Path):
@@ -558,7 +378,7 @@ def _parse(loaded: LoadedBackend, builder, logger, mode: _Mode, graph: Path):
     raise EngineBuildError(f"{loaded.describe()} cannot parse {graph.name}: " + "\n  ".join(errors))
 
 
-def _config(builder, trt, settings: TensorRTSettings, mode: _Mode):
+def _config(builder, trt, settings: TensorRT, mode: _Mode):
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_mib << 20)
     config.clear_flag(trt.BuilderFlag.TF32)  # fp32 means fp32: TF32 matmuls would miss the fp32 gate
@@ -588,7 +408,7 @@ def _attach_timing_cache(config, cache_file: Path | None) -> int:
     if cache_file is None:
         return 0
     data = cache_file.read_bytes() if cache_file.exists() else b""
-    with _quiet():
+    with _timing_cache_deprecations_silenced():
         if config.set_timing_cache(config.create_timing_cache(data), False):
             return len(data)
         say(f"    warning: timing cache {cache_file} was made on another GPU or version; starting a new one")
@@ -599,7 +419,7 @@ def _attach_timing_cache(config, cache_file: Path | None) -> int:
 def _save_timing_cache(config, cache_file: Path | None) -> int:
     if cache_file is None:
         return 0
-    with _quiet():
+    with _timing_cache_deprecations_silenced():
         data = bytes(memoryview(config.get_timing_cache().serialize()))
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     partial = cache_file.with_name(f".{cache_file.name}.{os.getpid()}")
@@ -609,16 +429,16 @@ def _save_timing_cache(config, cache_file: Path | None) -> int:
 
 
 @contextmanager
-def _quiet():
+def _timing_cache_deprecations_silenced():
     """TensorRT-RTX warns that its timing-cache calls are no-ops; the build facts say so instead."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         yield
 
 
-def _facts(loaded, settings, graph: Path, built: _Built, target: TargetCheck, cache_file: Path | None) -> BuildFacts:
+def _facts(loaded, settings: TensorRT, graph: Path, built: _SerializedEngine, target: TargetCheck) -> EngineFacts:
     gpu, capability = _gpu() if loaded.backend.deployable else ("none (build check)", "none (build check)")
-    return BuildFacts(
+    return EngineFacts(
         package=loaded.backend.module,
         version=loaded.version,
         deployable=loaded.backend.deployable,
@@ -626,13 +446,11 @@ def _facts(loaded, settings, graph: Path, built: _Built, target: TargetCheck, ca
         compute_capability=capability,
         precision=settings.precision,
         fp16_method=settings.fp16_method if settings.precision == "fp16" else None,
-        onnx=str(graph),
+        graph=graph.name,
         workspace_mib=settings.workspace_mib,
         profiles=built.profiles,
-        build_seconds=round(built.seconds, 2),
         engine_bytes=len(built.plan),
-        timing_cache={"path": str(cache_file) if cache_file else None, "loaded_bytes": built.cache_loaded,
-                      "saved_bytes": built.cache_saved, "effect": loaded.backend.timing_cache},
+        timing_cache=loaded.backend.timing_cache,
         triton_release=target.release,
         triton_tensorrt=target.tensorrt,
         tensorrt_matches_triton=target.matches,
@@ -742,19 +560,19 @@ def docker_available() -> bool:
         return False
 
 
-def trtexec_command(
-    onnx_path: Path, engine_path: Path, spec: IOSpec, settings: TensorRTSettings, timing_cache: Path
-) -> list[str]:
+def trtexec_command(graph: Path, engine_path: Path, spec: IOSpec, recipe: Recipe, timing_cache: Path) -> list[str]:
     """`docker run ... trtexec ...` building the same engine (profiles, precision, workspace, timing cache) with the
-    TensorRT of the settings' Triton release. `onnx_path` is the graph to parse: the fp16 graph for fp16 'graph'."""
-    mounts = {"onnx": onnx_path.parent, "engine": engine_path.parent, "cache": timing_cache.parent}
+    TensorRT of the recipe's Triton release. `graph` is the graph the precision needs (build_mode): the fp16 graph
+    for fp16 engines of the 'graph' method, else the plain export. Every path must exist where the command runs."""
+    settings = recipe.tensorrt
+    mounts = {"onnx": graph.parent, "engine": engine_path.parent, "cache": timing_cache.parent}
     mode = build_mode(settings, BACKENDS["tensorrt"])
     argv = ["docker", "run", "--rm", "--gpus", "all"]
     for name, folder in mounts.items():
         argv += ["-v", f"{folder.resolve()}:/work/{name}" + (":ro" if name == "onnx" else "")]
     argv += [container_image(settings.triton_release), "trtexec",
-             f"--onnx=/work/onnx/{onnx_path.name}", f"--saveEngine=/work/engine/{engine_path.name}"]
-    for index, profile in enumerate(settings.profiles):
+             f"--onnx=/work/onnx/{graph.name}", f"--saveEngine=/work/engine/{engine_path.name}"]
+    for index, profile in enumerate(recipe.engine_profiles):
         shapes = profile_shapes(spec, profile)
         argv.append(f"--profile={index}")
         for position, flag in enumerate(("--minShapes", "--optShapes", "--maxShapes")):

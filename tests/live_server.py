@@ -39,9 +39,10 @@ class Published:
 def publish_recipe(recipe: Recipe, build_root: Path, repository_root: Path) -> Published:
     """Build `recipe` (export and its gate, plain level, no TensorRT) and publish it, as `packager package` does
     without its own smoke: the tests run the smoke."""
-    built = pipeline.build(recipe, pipeline.BuildOptions(build_root=build_root, levels=("plain",), trt_backend="none"))
+    plain = recipe.override({"optimize": {"cpu": ["plain"]}})
+    built = pipeline.build(plain, pipeline.BuildOptions(build_root=build_root, trt_backend="none"))
     released = pipeline.release(built, pipeline.ReleaseOptions(repository=repository_root, launcher=None))
-    return Published(recipe, released.models, built.spec, Reference.for_recipe(recipe, built.spec))
+    return Published(recipe, released.models, built.spec, Reference.of(recipe, built.spec, built.model()))
 
 
 @pytest.fixture(scope="session")

@@ -13,8 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from packager import bench, source
+from packager import source
+from packager.bench.cli import add_arguments, options_from_args
 from packager.bench.flops import Peak, best_peaks, measure_peaks, model_flops
+from packager.bench.measure import benchmark, ensure_build
+from packager.bench.options import BenchOptions, Budget, LoadBudget
 from packager.bench.in_process import PYTORCH, graphs_of, interleaved, measure_in_process
 from packager.bench.served import PHASES, closed_loop
 from packager.bench.workload import make_workload, text_of_length, token_count
@@ -29,7 +32,12 @@ PROTOCOLS = ("http", "grpc")
 @pytest.fixture(scope="module")
 def build(tiny_recipe_embeddings, tmp_path_factory):
     """The tiny model built by the bench itself (no build folder yet), as `packager package` builds it."""
-    return bench.ensure_build(tiny_recipe_embeddings, tmp_path_factory.mktemp("build"))
+    return ensure_build(tiny_recipe_embeddings, tmp_path_factory.mktemp("build"))
+
+
+def gated_levels(build) -> list[str]:
+    """The levels of the build that passed their gates, in the recipe's order."""
+    return [level.level for level in build.record.optimize.levels if level.passed]
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +49,12 @@ def loaded(tiny_recipe_embeddings):
 def report(tiny_recipe_embeddings, build, tmp_path_factory):
     """One tiny run, served part included (a real local tritonserver), written to disk."""
     pytest.importorskip("pytriton", reason="the local launcher needs nvidia-pytriton")
-    options = bench.BenchOptions(
+    options = BenchOptions(
         build_root=build.folder.parent, shapes=(TINY_SHAPE,), concurrency=CONCURRENCY, protocols=PROTOCOLS,
-        budget=bench.Budget(warmup=1, max_rounds=3, seconds=2, passes=2),
-        load=bench.LoadBudget(warmup=1, max_requests=12, seconds=2), peak_size=128, command="pytest tiny bench",
+        budget=Budget(warmup=1, max_rounds=3, seconds=2, passes=2),
+        load=LoadBudget(warmup=1, max_requests=12, seconds=2), peak_size=128, command="pytest tiny bench",
     )
-    report = bench.benchmark(tiny_recipe_embeddings, options)
+    report = benchmark(tiny_recipe_embeddings, options)
     return report, report.write(tmp_path_factory.mktemp("reports") / tiny_recipe_embeddings.name)
 
 
@@ -84,7 +92,7 @@ def tiny_bert_flops(batch: int, sequence: int, hidden: int = 32, intermediate: i
 
 def test_flops_of_plain_and_fused_graphs_match_the_architecture(build):
     shapes = [(1, 16), (3, 32)]
-    plain = model_flops(build.exported_path, build.spec, shapes)
+    plain = model_flops(build.level_path("plain"), build.spec, shapes)
     fused = model_flops(build.folder / "levels" / "model.fused.onnx", build.spec, shapes)
     assert plain == fused == {shape: tiny_bert_flops(*shape) for shape in shapes}
 
@@ -107,29 +115,31 @@ def test_peaks_are_measured_per_precision():
 def test_interleaved_measures_round_robin_within_its_budget():
     calls: list[str] = []
     candidates = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
-    timings = interleaved(candidates, bench.Budget(warmup=2, max_rounds=4, seconds=60, passes=1))
+    timings = interleaved(candidates, Budget(warmup=2, max_rounds=4, seconds=60, passes=1))
     assert calls[:6] == ["a", "a", "b", "b", "c", "c"]  # warmup, not timed
     assert calls[6:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]  # rotated each round
     assert {name: len(t.samples_ms) for name, t in timings.items()} == {"a": 4, "b": 4, "c": 4}
-    slow = interleaved({"sleep": lambda: time.sleep(0.02)}, bench.Budget(warmup=0, max_rounds=1000, seconds=0.05))
+    slow = interleaved({"sleep": lambda: time.sleep(0.02)}, Budget(warmup=0, max_rounds=1000, seconds=0.05))
     assert 2 <= len(slow["sleep"].samples_ms) < 10  # the time budget ends the pass long before max_rounds
 
 
 def test_measure_in_process_reports_every_gated_level_against_pytorch(build, loaded):
     graphs = graphs_of(build)
-    assert [(g.level, g.precision) for g in graphs] == [("plain", "fp32"), ("fused", "fp32"), ("int8", "int8")]
-    assert [g.shipped for g in graphs] == [False, False, True] and graphs[0].path == build.exported_path
+    assert [g.level for g in graphs] == gated_levels(build) and {"plain", "fused"} <= set(gated_levels(build))
+    assert all(g.precision == ("int8" if g.level == "int8" else "fp32") for g in graphs)
+    assert [g.shipped for g in graphs] == [g.level == build.record.optimize.shipped for g in graphs]
+    assert graphs[0].path == build.level_path("plain")
     wrapper = get_task(build.recipe.task).wrapper(loaded.model, build.spec.input_names).eval()
     workloads = [make_workload(loaded.tokenizer, build.spec, *shape) for shape in [(1, 16), (2, 32)]]
-    budget = bench.Budget(warmup=1, max_rounds=3, seconds=5, passes=2)
+    budget = Budget(warmup=1, max_rounds=3, seconds=5, passes=2)
     measurements = measure_in_process(wrapper, build.spec, graphs, workloads, budget, threads=1)
-    candidates = [PYTORCH, "onnxruntime plain", "onnxruntime fused", "onnxruntime int8"]
+    candidates = [PYTORCH, *(f"onnxruntime {level}" for level in gated_levels(build))]
     assert [(m.candidate, m.batch, m.sequence) for m in measurements] == [
         (c, b, s) for b, s in [(1, 16), (2, 32)] for c in candidates]
     assert all(m.speedup == 1.0 and m.parity == "reference" for m in measurements if m.candidate == PYTORCH)
     assert all(m.latency.requests == 6 and m.latency.p50_ms > 0 and m.threads == 1 for m in measurements)
-    int8 = next(m for m in measurements if m.candidate == "onnxruntime int8")
-    assert int8.parity.startswith("cosine ") and int8.parity.endswith("(shipped)")
+    shipped = next(m for m in measurements if m.candidate == f"onnxruntime {build.record.optimize.shipped}")
+    assert shipped.parity.startswith("cosine ") and shipped.parity.endswith("(shipped)")
 
 
 # ---- the closed loop of served clients
@@ -147,7 +157,7 @@ def counting_client(calls: list, fail_at: int | None = None):
 def test_closed_loop_stops_at_its_request_budget_after_a_checked_warmup():
     calls: list = []
     ready: list[int] = []
-    budget = bench.LoadBudget(warmup=2, max_requests=10, seconds=60)
+    budget = LoadBudget(warmup=2, max_requests=10, seconds=60)
     latencies, seconds = closed_loop(lambda: counting_client(calls), 3, budget, lambda: ready.append(len(calls)))
     assert ready == [6]  # when_ready runs once, after every client's warmup
     assert sum(check for _, check in calls) == 6 and len(calls) == 16 and len(latencies) == 10
@@ -157,7 +167,7 @@ def test_closed_loop_stops_at_its_request_budget_after_a_checked_warmup():
 def test_closed_loop_raises_the_first_client_error():
     calls: list = []
     with pytest.raises(PackagerError, match="a benchmark request failed: the server said no"):
-        closed_loop(lambda: counting_client(calls, fail_at=5), 2, bench.LoadBudget(warmup=1, max_requests=100,
+        closed_loop(lambda: counting_client(calls, fail_at=5), 2, LoadBudget(warmup=1, max_requests=100,
                                                                                            seconds=60))
     assert len(calls) < 100
 
@@ -177,7 +187,7 @@ def numbers(value, path="$"):
         yield path, value
 
 
-def test_report_files_and_json_structure(report, tiny_recipe_embeddings):
+def test_report_files_and_json_structure(report, build, tiny_recipe_embeddings):
     result, paths = report
     assert {path.name for path in paths.values()} == {"bench.json", "bench.md", "bench.png"}
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -186,7 +196,7 @@ def test_report_files_and_json_structure(report, tiny_recipe_embeddings):
     assert data["model"] == tiny_recipe_embeddings.name and data["command"] == "pytest tiny bench"
     assert data["flops"] == {"1x16": tiny_bert_flops(*TINY_SHAPE)} and set(data["peaks"]) == {"fp32", "int8"}
     assert [row["candidate"] for row in data["in_process"]] == [
-        PYTORCH, "onnxruntime plain", "onnxruntime fused", "onnxruntime int8"]
+        PYTORCH, *(f"onnxruntime {level}" for level in gated_levels(build))]
     row_keys = {"latency", "p50_vs_pytorch", "throughput_vs_pytorch", "gflops_per_s", "percent_of_peak",
                 "sequences_per_s"}
     assert all(row_keys <= set(row) for row in data["in_process"] + data["served"]["points"])
@@ -195,11 +205,11 @@ def test_report_files_and_json_structure(report, tiny_recipe_embeddings):
     assert not bad, bad
 
 
-def test_served_points_cover_the_grid_with_server_statistics(report, tiny_recipe_embeddings):
+def test_served_points_cover_the_grid_with_server_statistics(report, build, tiny_recipe_embeddings):
     result, _ = report
     name = tiny_recipe_embeddings.name
     served = result.served
-    assert served.shipped_level == "int8" and served.server_version
+    assert served.shipped_level == build.record.optimize.shipped and served.server_version
     grid = {(p.protocol, p.model, p.dynamic_batching, p.concurrency) for p in served.points}
     assert grid == {(protocol, model, batching, clients) for protocol in PROTOCOLS
                     for model in (f"{name}_python", f"{name}_onnx_python")
@@ -217,13 +227,13 @@ def test_served_points_cover_the_grid_with_server_statistics(report, tiny_recipe
             assert point.average_batch == 1.0  # reloaded without dynamic batching: one request per execution
 
 
-def test_markdown_tables(report):
+def test_markdown_tables(report, build):
     result, paths = report
     text = paths["markdown"].read_text()
     assert text.startswith(f"# Benchmark: {result.model}") and "![latency against throughput](bench.png)" in text
     in_process = result.in_process_table().splitlines()
     served = result.served_table().splitlines()
-    assert len(in_process) == 2 + 4 and in_process[2].startswith("| pytorch eager | 1×16 |")
+    assert len(in_process) == 2 + 1 + len(gated_levels(build)) and in_process[2].startswith("| pytorch eager | 1×16 |")
     assert len(served) == 2 + len(result.served.points) == 2 + 2 * 2 * 2 * len(CONCURRENCY)
     assert all(line.count("|") == served[0].count("|") for line in served)
     assert "\n".join(in_process) in text and "\n".join(served) in text
@@ -232,10 +242,10 @@ def test_markdown_tables(report):
 # ---- options
 
 
-def parse(*argv: str) -> bench.BenchOptions:
+def parse(*argv: str) -> BenchOptions:
     parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
-    return bench.options_from_args(parser.parse_args(argv))
+    add_arguments(parser)
+    return options_from_args(parser.parse_args(argv))
 
 
 def test_command_line_options():
@@ -246,7 +256,7 @@ def test_command_line_options():
                     "--protocols", "grpc", "--no-serve", "--passes", "1", "--requests", "5", "--point-seconds", "0.5")
     assert options.shapes == ((1, 128), (8, 64)) and options.served_shapes == ((2, 32),)
     assert options.concurrency == (1, 3) and options.protocols == ("grpc",) and not options.serve
-    assert options.budget.passes == 1 and options.load == bench.LoadBudget(max_requests=5, seconds=0.5)
+    assert options.budget.passes == 1 and options.load == LoadBudget(max_requests=5, seconds=0.5)
     for bad, message in [(["--shapes", "1x"], "--shapes"), (["--served-shapes", "0x8"], "--served-shapes"),
                          (["--concurrency", "0"], "--concurrency"), (["--concurrency", "a"], "--concurrency"),
                          (["--protocols", "udp"], "--protocols"), (["--passes", "0"], "--passes"),
@@ -256,18 +266,18 @@ def test_command_line_options():
 
 
 def test_grid_defaults_to_the_profile_and_stays_inside_it(tiny_recipe_embeddings):
-    assert bench.BenchOptions().grid(tiny_recipe_embeddings) == ([(1, 16), (2, 16)], [(1, 16)])
-    shapes, served = bench.BenchOptions(shapes=((4, 32),), served_shapes=((1, 8),)).grid(tiny_recipe_embeddings)
+    assert BenchOptions().grid(tiny_recipe_embeddings) == ([(1, 16), (2, 16)], [(1, 16)])
+    shapes, served = BenchOptions(shapes=((4, 32),), served_shapes=((1, 8),)).grid(tiny_recipe_embeddings)
     assert shapes == [(4, 32), (1, 8)] and served == [(1, 8)]  # served shapes get their PyTorch baseline
     with pytest.raises(UsageError, match="shape 8x16 is outside the profile"):
-        bench.BenchOptions(shapes=((8, 16),)).grid(tiny_recipe_embeddings)
+        BenchOptions(shapes=((8, 16),)).grid(tiny_recipe_embeddings)
 
 
 def test_packager_bench_subcommand():
     from packager import cli
 
     args = cli.build_parser().parse_args(["bench", "bert", "--served-shapes", "1x64", "--no-serve"])
-    assert args.run is bench.run and bench.options_from_args(args).served_shapes == ((1, 64),)
+    assert args.run is cli.cmd_bench and options_from_args(args).served_shapes == ((1, 64),)
 
 
 def test_best_peaks_keeps_the_highest_measurement_per_precision():

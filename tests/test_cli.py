@@ -7,11 +7,12 @@ import pytest
 from packager.cli import main
 
 
-def write_recipe(path, model_dir, **tolerances):
-    lines = [f"{k} = {v}" for k, v in tolerances.items()]
+def write_recipe(path, model_dir, **fp32_gate):
+    """A tiny recipe file; `fp32_gate` sets keys of its [gates.fp32] table."""
+    lines = [f"{k} = {v}" for k, v in fp32_gate.items()]
     path.write_text(
         f'name = "tiny"\ntask = "embeddings"\n[source]\npath = "{model_dir}"\n'
-        '[profile]\nbatch = [1, 2, 4]\nsequence = [2, 16, 32]\n[tolerances]\n' + "\n".join(lines) + "\n"
+        '[profile]\nbatch = [1, 2, 4]\nsequence = [2, 16, 32]\n[gates.fp32]\n' + "\n".join(lines) + "\n"
     )
     return path
 
@@ -43,7 +44,7 @@ def test_package_prints_tables_builds_and_publishes(capsys, tmp_path, tiny_bert_
     assert "optimization levels for cpu" in out
     assert sorted(p.name for p in (tmp_path / "build").iterdir() if not p.name.startswith(".cache")) == ["tiny"]
     build = {p.name for p in (tmp_path / "build" / "tiny").iterdir()}
-    assert {"model.onnx", "model.shipped.onnx", "iospec.json", "parity.json", "build.json"} <= build
+    assert {"model.onnx", "model.shipped.onnx", "iospec.json", "build.json"} <= build
     assert "published version 1 of tiny_tokenizer" in out
     assert (tmp_path / "repo" / "tiny_onnx" / "1" / "model.onnx").exists()
 
@@ -69,11 +70,11 @@ def test_unknown_model_is_exit_2_with_the_known_recipes(capsys):
 
 
 def test_failed_gate_exits_non_zero_and_leaves_nothing(capsys, tmp_path, tiny_bert_dir):
-    recipe = write_recipe(tmp_path / "strict.toml", tiny_bert_dir, min_cosine=1.5)
+    recipe = write_recipe(tmp_path / "strict.toml", tiny_bert_dir, min_cosine=1.0, max_abs=0.0)
     build = tmp_path / "build"
     code, _, err = run_cli(capsys, "package", str(recipe), *package_args(tmp_path))
     assert code == 3
-    assert_one_line_error(err, "parity gate failed for onnx", "sentence_embedding", "cosine")
+    assert_one_line_error(err, "parity gate failed for onnx", "max |Δ|")
     assert list(build.iterdir()) == []
     assert not (tmp_path / "repo").exists()
 

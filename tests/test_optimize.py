@@ -10,7 +10,9 @@ import onnx
 import pytest
 
 from packager import export, iospec, optimize, source, validate
-from packager.errors import GateFailed, UsageError
+from packager.errors import GateFailed
+from packager.optimize.fp16 import fp16_graph
+from packager.optimize.int8 import add_weight_residuals, int8_weight_residual
 from packager.recipe import Recipe, load_recipe
 from packager.tasks import get_task
 
@@ -24,10 +26,14 @@ class Stage:
     exported: export.Exported
     validator: validate.Validator
 
-    def run(self, work_dir: Path, device: str = "cpu", config: optimize.OptimizeConfig | None = None):
-        config = config or optimize.parse_config(self.recipe)
+    def run(self, work_dir: Path, device: str = "cpu", recipe: Recipe | None = None):
         task = get_task(self.recipe.task)
-        return optimize.optimize(self.loaded, task, self.exported, self.validator, config, device, work_dir)
+        return optimize.optimize(self.loaded, task, self.exported, self.validator, recipe or self.recipe, device,
+                                 work_dir)
+
+    def changed(self, optimize: dict | None = None, **gates: dict) -> Recipe:
+        """The stage's recipe with [optimize] keys and [gates] tables changed."""
+        return self.recipe.override({"optimize": optimize or {}, "gates": gates})
 
 
 def make_stage(recipe: Recipe, folder: Path, attn_implementation: str | None = None) -> Stage:
@@ -38,7 +44,9 @@ def make_stage(recipe: Recipe, folder: Path, attn_implementation: str | None = N
     exported = export.export_onnx(loaded, task, folder / "model.onnx", recipe.opset)
     batches = validate.make_batches(loaded.tokenizer, exported.spec, recipe.profile)
     reference = validate.torch_runner(exported.wrapper, exported.spec)
-    return Stage(recipe, loaded, exported, validate.Validator(task, exported.spec, batches, reference, recipe.tolerances))
+    invariance = validate.invariance_layouts(loaded.tokenizer, exported.spec, recipe.profile)
+    validator = validate.Validator(task, exported.spec, batches, reference, recipe.gates.fp32, invariance)
+    return Stage(recipe, loaded, exported, validator)
 
 
 @pytest.fixture(scope="module")
@@ -65,44 +73,60 @@ def test_every_level_is_gated_and_the_fastest_passing_one_is_shipped(cpu_result)
     assert [result.name for result in cpu_result.levels] == ["plain", "fused", "int8"]
     for result in cpu_result.levels:
         assert result.parity is not None and result.parity.variant == result.name
-        assert result.passed, result.reason
-    assert cpu_result.chosen.name == "int8" and cpu_result.chosen.shipped
-    assert [result.shipped for result in cpu_result.levels] == [False, False, True]
-    ops = {node.op_type for node in onnx.load(str(cpu_result.chosen.path)).graph.node}
-    assert {"MatMulInteger", "DynamicQuantizeLinear"} <= ops
-    manifest = cpu_result.to_dict()
-    assert manifest["shipped"] == "int8" and "int8 > fused > plain" in manifest["why"]
-    assert manifest["levels"][1]["fusions"]["Attention"] == 2
-    assert all(name in cpu_result.table() for name in ("plain", "fused", "int8", "token_embeddings"))
+        assert result.invariance is not None and result.invariance.variant == result.name
+        assert result.passed == (result.parity.passed and result.invariance.passed), result.reason
+    passing = [result.name for result in cpu_result.levels if result.passed]
+    assert {"plain", "fused"} <= set(passing)
+    fastest = next(name for name in optimize.SPEED_ORDER["cpu"] if name in passing)
+    assert cpu_result.chosen.name == fastest and cpu_result.chosen.shipped
+    assert [result.shipped for result in cpu_result.levels] == [r.name == fastest for r in cpu_result.levels]
+    record = cpu_result.to_record(Path("/"))
+    assert record.shipped == fastest and "int8 > fused > plain" in record.why
+    assert record.level("fused").fusions["Attention"] == 2 and record.level("fused").gate.name == "fp32"
+    assert all(name in cpu_result.table() for name in ("plain", "fused", "int8", "token_embeddings", "alone vs"))
+
+
+def test_fp32_levels_answer_the_same_alone_and_in_any_batch(cpu_result):
+    for name in ("plain", "fused"):
+        invariance = cpu_result.level(name).invariance
+        assert invariance.passed and invariance.max_abs <= 1e-5, invariance.reason
+        assert {row.output for row in invariance.rows} == {"token_embeddings", "sentence_embedding"}
 
 
 def test_int8_is_gated_on_its_own_tolerances(embeddings, cpu_result):
     int8 = cpu_result.level("int8")
-    config = optimize.parse_config(embeddings.recipe)
+    gates = embeddings.recipe.gates
+    assert int8.gate.name == "int8" and int8.gate.tolerances == gates.int8
     assert {row.output for row in int8.parity.rows} == {"token_embeddings", "sentence_embedding"}
     # its max |Δ| is recorded even though int8 is gated on the cosine only
-    assert int8.parity.summary()["outputs"]["token_embeddings"]["max_abs"] > embeddings.recipe.tolerances.max_abs / 10
-    assert config.tolerances["int8"].min_cosine == 0.99 and config.tolerances["fused"] == embeddings.recipe.tolerances
+    assert int8.parity.outputs()["token_embeddings"].max_abs > gates.fp32.max_abs / 10
+    assert cpu_result.level("fused").gate.tolerances == gates.fp32
 
 
 def test_a_level_that_fails_its_gate_is_not_shipped(embeddings, tmp_path):
-    config = optimize.parse_config(embeddings.recipe).with_tolerance("int8", min_cosine=1.5).with_int8(max_residual_nodes=0, max_fp32_nodes=0)
-    result = embeddings.run(tmp_path, config=config)
+    recipe = embeddings.changed({"int8": {"max_residual_nodes": 0, "max_fp32_nodes": 0}}, int8={"min_cosine": 1.0})
+    result = embeddings.run(tmp_path, recipe=recipe)
     int8 = result.level("int8")
     assert not int8.passed and not int8.shipped
-    assert "cosine" in int8.reason and "< 1.5" in int8.reason
+    assert "cosine" in int8.reason and "< 1.0" in int8.reason
     assert any("failed the gate with up to 0 most sensitive node" in note for note in int8.notes)
     assert result.chosen.name == "fused"
     assert "int8 failed" in result.why
 
 
+def int8_search(embeddings, tmp_path, limit: float, **int8_settings):
+    """The int8 level alone, gated on max |Δ| <= limit (batch invariance not gated: the search is under test)."""
+    recipe = embeddings.changed({"cpu": ["int8"], "int8": int8_settings},
+                                int8={"max_abs": limit, "max_invariance": float("inf")})
+    return embeddings.run(tmp_path, recipe=recipe).level("int8")
+
+
 def test_the_int8_search_keeps_sensitive_nodes_in_fp32_until_the_gate_passes(embeddings, cpu_result, tmp_path):
-    all_quantized = cpu_result.level("int8").parity.summary()["outputs"]["token_embeddings"]["max_abs"]
+    all_quantized = cpu_result.level("int8").parity.outputs()["token_embeddings"].max_abs
     limit = 0.8 * all_quantized  # out of reach with every node in int8, reached with some in fp32
-    config = optimize.parse_config(embeddings.recipe).with_tolerance("int8", max_abs=limit).with_int8(max_residual_nodes=0, max_fp32_nodes=8)
-    int8 = embeddings.run(tmp_path, config=config.with_levels("cpu", ("int8",))).level("int8")
+    int8 = int8_search(embeddings, tmp_path, limit, max_residual_nodes=0, max_fp32_nodes=8)
     assert int8.passed, int8.reason
-    assert int8.parity.summary()["outputs"]["token_embeddings"]["max_abs"] <= limit
+    assert int8.parity.outputs()["token_embeddings"].max_abs <= limit
     kept = next(note for note in int8.notes if "kept in fp32" in note).split(": ")[1].split(", ")
     assert 1 <= len(kept) < 8  # 2 Attention + 6 MatMul in the tiny fused graph
     still_int8 = [n.name for n in onnx.load(str(int8.path)).graph.node if n.op_type == "MatMulInteger"]
@@ -110,12 +134,11 @@ def test_the_int8_search_keeps_sensitive_nodes_in_fp32_until_the_gate_passes(emb
 
 
 def test_the_int8_search_tries_weight_residuals_before_fp32(embeddings, cpu_result, tmp_path):
-    all_quantized = cpu_result.level("int8").parity.summary()["outputs"]["token_embeddings"]["max_abs"]
+    all_quantized = cpu_result.level("int8").parity.outputs()["token_embeddings"].max_abs
     limit = 0.8 * all_quantized
-    config = optimize.parse_config(embeddings.recipe).with_tolerance("int8", max_abs=limit).with_int8(max_residual_nodes=6)
-    int8 = embeddings.run(tmp_path, config=config.with_levels("cpu", ("int8",))).level("int8")
+    int8 = int8_search(embeddings, tmp_path, limit, max_residual_nodes=6)
     assert int8.passed, int8.reason
-    assert int8.parity.summary()["outputs"]["token_embeddings"]["max_abs"] <= limit
+    assert int8.parity.outputs()["token_embeddings"].max_abs <= limit
     note = next(note for note in int8.notes if "given a weight residual" in note)
     refined = note.split(": ")[1].split(", ")
     graph = onnx.load(str(int8.path)).graph
@@ -128,7 +151,7 @@ def test_the_int8_search_tries_weight_residuals_before_fp32(embeddings, cpu_resu
 def test_weight_residual_makes_the_int8_product_exact_to_second_order(per_channel):
     rng = np.random.default_rng(0)
     weight = rng.normal(size=(64, 48)).astype(np.float32) * rng.uniform(0.1, 5, size=48).astype(np.float32)
-    residual = optimize.int8_weight_residual(weight, per_channel)
+    residual = int8_weight_residual(weight, per_channel)
     peak = np.abs(weight).max(axis=0) if per_channel else np.abs(weight).max()
     step = peak / 127
     assert np.all(np.abs(residual) <= step / 2 + 1e-6)  # the rounding error of the int8 weight
@@ -142,7 +165,7 @@ def test_weight_residual_makes_the_int8_product_exact_to_second_order(per_channe
 def test_weight_residual_graph_computes_the_same_in_fp32(embeddings, cpu_result, tmp_path):
     fused = onnx.load(str(cpu_result.level("fused").path))
     matmuls = [node.name for node in fused.graph.node if node.op_type == "MatMul"]
-    optimize.add_weight_residuals(fused, matmuls[:2], per_channel=True)
+    add_weight_residuals(fused, matmuls[:2], per_channel=True)
     onnx.save(fused, str(tmp_path / "refined.onnx"))
     assert [node.op_type for node in fused.graph.node].count("MatMul") == len(matmuls) + 2
     batch = embeddings.validator.batches[-1]
@@ -153,9 +176,9 @@ def test_weight_residual_graph_computes_the_same_in_fp32(embeddings, cpu_result,
 
 
 def test_no_level_passing_is_a_gate_failure(embeddings, tmp_path):
-    config = optimize.parse_config(embeddings.recipe).with_levels("cpu", ("fused",)).with_tolerance("fused", max_abs=0.0)
+    recipe = embeddings.changed({"cpu": ["fused"]}, fp32={"max_abs": 0.0})
     with pytest.raises(GateFailed, match="no optimization level passed.*fused: 'token_embeddings'"):
-        embeddings.run(tmp_path, config=config)
+        embeddings.run(tmp_path, recipe=recipe)
 
 
 def test_gpu_target_ships_fp16_built_and_gated_on_cpu(embeddings, tmp_path):
@@ -166,7 +189,7 @@ def test_gpu_target_ships_fp16_built_and_gated_on_cpu(embeddings, tmp_path):
 
 
 def test_fp16_graph_keeps_io_types_and_sensitive_ops_in_fp32(embeddings, tmp_path):
-    half = optimize.fp16_graph(embeddings.exported.path, tmp_path / "model.fp16.onnx")
+    half = fp16_graph(embeddings.exported.path, tmp_path / "model.fp16.onnx")
     onnx.checker.check_model(str(half), full_check=True)
     assert iospec.from_onnx(half) == embeddings.exported.spec  # INT64 inputs, FLOAT outputs, same dims
     model = onnx.shape_inference.infer_shapes(onnx.load(str(half)))
@@ -184,8 +207,7 @@ def test_fp16_graph_keeps_io_types_and_sensitive_ops_in_fp32(embeddings, tmp_pat
 
 def test_unfused_attention_is_a_warning_naming_the_cause(tiny_recipe_embeddings, tmp_path, capsys):
     stage = make_stage(tiny_recipe_embeddings, tmp_path, attn_implementation="sdpa")
-    config = optimize.parse_config(tiny_recipe_embeddings).with_levels("cpu", ("fused",))
-    fused = stage.run(tmp_path / "levels", config=config).level("fused")
+    fused = stage.run(tmp_path / "levels", recipe=stage.changed({"cpu": ["fused"]})).level("fused")
     assert "Attention" not in fused.fusions
     assert fused.passed  # still correct, only slower
     assert "attn_implementation='sdpa'" in fused.notes[0]
@@ -194,47 +216,22 @@ def test_unfused_attention_is_a_warning_naming_the_cause(tiny_recipe_embeddings,
 
 def test_classifier_int8_search_ranks_nodes_by_logits(tiny_recipe_classifier, tmp_path):
     stage = make_stage(tiny_recipe_classifier, tmp_path)
-    config = optimize.parse_config(tiny_recipe_classifier).with_tolerance("int8", max_abs=0.0).with_int8(max_fp32_nodes=2)
-    result = stage.run(tmp_path / "levels", config=config)
+    result = stage.run(tmp_path / "levels", recipe=stage.changed({"int8": {"max_fp32_nodes": 2}}, int8={"max_abs": 0.0}))
     assert not result.level("int8").passed and result.chosen.name == "fused"
     assert result.level("int8").parity.rows[0].metric == "argmax"
 
 
-def test_recipe_section_parsing_and_overrides():
-    config = optimize.parse_config(load_recipe("bert"))
-    assert config.levels == {"cpu": ("plain", "fused", "int8"), "gpu": ("plain", "fused", "fp16")}
-    assert config.tolerances["int8"].max_abs == float("inf") and config.int8.max_fp32_nodes == 4
-    assert config.with_levels("cpu", optimize.parse_levels_option("plain, fused")).levels["cpu"] == ("plain", "fused")
-    with pytest.raises(UsageError, match="level 'int8' is for cpu, not gpu"):
-        config.with_levels("gpu", ("int8",))
-    with pytest.raises(UsageError, match="unknown level 'int4'"):
-        config.with_levels("cpu", ("int4",))
-
-
-@pytest.mark.parametrize(
-    "section, message",
-    [
-        ({"cpu": ["fused", "fp16"]}, "level 'fp16' is for gpu, not cpu"),
-        ({"tpu": ["plain"]}, r"unknown keys \['tpu'\]"),
-        ({"int8": {"min_cosine": 0.9, "smoothing": True}}, r"\[optimize\].int8: unknown keys \['smoothing'\]"),
-        ({"fused": {"per_channel": True}}, r"\[optimize\].fused: unknown keys \['per_channel'\]"),
-        ({"cpu": "int8"}, r"\[optimize\] cpu: must be a list of level names"),
-        ({"int8": {"max_fp32_nodes": "4"}}, r"int8 max_fp32_nodes: expected int, got '4'"),
-        ({"int8": {"min_cosine": "high"}}, r"int8 min_cosine: expected a number, got 'high'"),
-    ],
-)
-def test_bad_recipe_sections_are_usage_errors(tiny_recipe_embeddings, section, message):
-    recipe = tiny_recipe_embeddings.replace(sections={"optimize": section})
-    with pytest.raises(UsageError, match=message):
-        optimize.parse_config(recipe)
+def test_recipe_optimize_section_and_levels_option():
+    recipe = load_recipe("bert")
+    assert (recipe.optimize.cpu, recipe.optimize.gpu) == (("plain", "fused", "int8"), ("plain", "fused", "fp16"))
+    assert recipe.gates.int8.max_abs == float("inf") and recipe.optimize.int8.max_fp32_nodes == 4
+    assert optimize.parse_levels_option("plain, fused") == ("plain", "fused")
 
 
 @pytest.mark.slow
 def test_minilm_fused_graph_has_fused_attention_and_passes_the_gate(tmp_path):
-    recipe = load_recipe("bert")
-    stage = make_stage(recipe, tmp_path)
-    config = optimize.parse_config(recipe).with_levels("cpu", ("fused",))
-    result = stage.run(tmp_path / "levels", config=config)
+    stage = make_stage(load_recipe("bert"), tmp_path)
+    result = stage.run(tmp_path / "levels", recipe=stage.changed({"cpu": ["fused"]}))
     fused = result.level("fused")
     assert fused.passed and fused.shipped, fused.reason
     assert fused.fusions["Attention"] == 6 and fused.fusions["SkipLayerNormalization"] == 12

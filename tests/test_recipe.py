@@ -1,7 +1,9 @@
+import re
+
 import pytest
 
 from packager.errors import UsageError
-from packager.recipe import Range, known_recipes, load_recipe, parse_recipe
+from packager.recipe import Gates, Range, known_recipes, load_recipe, parse_recipe
 
 
 def test_bert_recipe_is_known_and_complete():
@@ -27,18 +29,67 @@ def test_range_values_are_distinct_and_sorted():
     assert Range.parse("b", "1,8,8").values() == (1, 8)
 
 
+MINIMAL = {"name": "x", "task": "embeddings", "source": {"package": "a"},
+           "profile": {"batch": [1, 1, 1], "sequence": [2, 2, 2]}}
+
+
 def test_recipe_needs_exactly_one_source():
-    data = {"name": "x", "task": "embeddings", "source": {"package": "a", "path": "b"},
-            "profile": {"batch": [1, 1, 1], "sequence": [2, 2, 2]}}
-    with pytest.raises(UsageError, match="exactly one of package, path, hub"):
-        parse_recipe(data, "test")
+    with pytest.raises(UsageError, match=re.escape("test: [source]: needs exactly one of package, path, hub")):
+        parse_recipe({**MINIMAL, "source": {"package": "a", "path": "b"}}, "test")
 
 
-def test_unknown_recipe_keys_are_named():
-    data = {"name": "x", "task": "embeddings", "source": {"package": "a"}, "profil": {},
-            "profile": {"batch": [1, 1, 1], "sequence": [2, 2, 2]}}
-    with pytest.raises(UsageError, match="profil"):
-        parse_recipe(data, "test")
+@pytest.mark.parametrize("changes, message", [
+    ({"profil": {}}, "test: unknown key 'profil'; did you mean 'profile'?"),
+    ({"profile": {"batchsize": [1, 2, 3]}}, "test: [profile]: unknown key 'batchsize'; did you mean 'batch'?"),
+    ({"export": {"opsett": 17}}, "test: [export]: unknown key 'opsett'; did you mean 'opset'?"),
+    ({"export": {"opset": "seventeen"}}, "test: [export] opset must be an integer; got 'seventeen'"),
+    ({"export": {"opset": 5}}, "test: [export]: opset must be between 11 and 23; got 5"),
+    ({"gates": {"int8": {"min_cosine": "high"}}}, "test: [gates.int8] min_cosine must be a number; got 'high'"),
+    ({"gates": {"int4": {}}}, "test: [gates]: unknown key 'int4'"),
+    ({"task": "translation"}, "test: 'task' must be one of 'embeddings', 'sequence-classification'"),
+    ({"name": 3}, "test: 'name' must be a string; got 3"),
+    ({"profile": 3}, "test: [profile] must be a table; got 3"),
+    ({"optimize": {"cpu": ["fused", "fp16"]}}, "[optimize]: cpu: level 'fp16' is for gpu, not cpu"),
+    ({"optimize": {"tpu": ["plain"]}}, "[optimize]: unknown key 'tpu'"),
+    ({"optimize": {"int8": {"smoothing": True}}}, "[optimize.int8]: unknown key 'smoothing'; did you mean 'smooth'?"),
+    ({"optimize": {"cpu": "int8"}}, "[optimize] cpu must be a list; got 'int8'"),
+    ({"optimize": {"int8": {"max_fp32_nodes": "4"}}}, "[optimize.int8] max_fp32_nodes must be an integer; got '4'"),
+    ({"serving": {"instances": True}}, "[serving] instances must be an integer; got True"),
+])
+def test_every_section_is_checked_before_any_work(changes, message):
+    with pytest.raises(UsageError, match=re.escape(message)):
+        parse_recipe({**MINIMAL, **changes}, "test")
+
+
+def test_a_partial_gate_table_keeps_the_other_defaults():
+    recipe = parse_recipe({**MINIMAL, "gates": {"int8": {"min_cosine": 0.999}}}, "test")
+    assert recipe.gates.int8.min_cosine == 0.999 and recipe.gates.int8.max_abs == float("inf")
+    assert recipe.gates.fp32 == Gates().fp32 and recipe.gates.for_level("fused") == ("fp32", Gates().fp32)
+
+
+def test_a_recipe_survives_its_own_data_and_overrides():
+    recipe = load_recipe("bert")
+    assert parse_recipe(recipe.to_data(), "again") == recipe
+    changed = recipe.override({"tensorrt": {"precision": "fp32"}, "profile": {"sequence": [2, 64, 256]}})
+    assert changed.tensorrt.precision == "fp32" and changed.profile.sequence == Range(2, 64, 256)
+    assert changed.optimize == recipe.optimize
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"name = ", "not valid TOML"),
+    (b"\xff\xfe name", "not a UTF-8 text file"),
+])
+def test_a_broken_recipe_file_is_one_usage_error(tmp_path, content, message):
+    path = tmp_path / "broken.toml"
+    path.write_bytes(content)
+    with pytest.raises(UsageError, match=f"{re.escape(str(path))}: {message}"):
+        load_recipe(str(path))
+
+
+@pytest.mark.parametrize("model", ["/etc", "", "bert.toml"])
+def test_what_is_neither_recipe_nor_model_folder_is_an_unknown_model(model):
+    with pytest.raises(UsageError, match="unknown model"):
+        load_recipe(model)
 
 
 def test_local_folder_infers_task(tiny_bert_dir, tiny_classifier_dir):

@@ -26,13 +26,15 @@ from tritonclient.grpc import model_config_pb2
 
 from packager import export, iospec, render, repository, source, validate
 from packager.errors import PackagerError, UsageError
-from packager.recipe import Range, load_recipe
-from packager.render import Artifacts, OnnxRuntimeOptions, ServingConfig, TensorRTPlan
+from packager.recipe import Range, Serving, load_recipe
+from packager.record import ProfileShapes
+from packager.render import Artifacts, TensorRTPlan
 from packager.tasks import get_task
 from packager.triton.server import TritonServer, load_models, serve
+from tests.tiny_model import sample_release
 
 GOLDEN = Path(__file__).parent / "golden"
-ALL_TARGETS = ServingConfig(targets=("onnxruntime", "python", "tensorrt"))
+ALL_TARGETS = {"targets": ["onnxruntime", "python", "tensorrt"]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,12 +46,17 @@ class Exported:
 
     def plan(self, max_batch: int = 4) -> TensorRTPlan:
         """Profiles as the TensorRT stage reports them; rendering never reads the engine file."""
-        profile = {name: ((1, 2), (2, 16), (4, 32)) for name in self.spec.input_names}
+        profile = ProfileShapes("default", 0, {name: ((1, 2), (2, 16), (4, 32)) for name in self.spec.input_names})
         return TensorRTPlan(self.onnx.with_name("model.plan"), (profile,), max_batch)
 
-    def render(self, serving: ServingConfig = ALL_TARGETS, plan: bool = True) -> dict[str, render.RenderedModel]:
+    def render(self, serving: dict = ALL_TARGETS, plan: bool = True) -> dict[str, render.RenderedModel]:
+        """The models of the recipe with its [serving] section set to `serving`."""
         artifacts = Artifacts(self.onnx, self.tokenizer, self.plan() if plan else None)
-        return {m.name: m for m in render.render_repository(self.recipe, self.spec, serving, artifacts)}
+        recipe = self.recipe.override({"serving": serving})
+        return {m.name: m for m in render.render_repository(recipe, self.spec, artifacts)}
+
+    def publish(self, root: Path, models) -> None:
+        repository.publish(root, list(models), sample_release(self.spec), {})
 
 
 def _export(recipe, folder: Path) -> Exported:
@@ -144,8 +151,8 @@ def test_every_config_carries_the_onnx_graphs_names_types_and_dims(any_task):
 
 
 def test_model_configs_batch_warm_up_and_use_the_recipe(tiny):
-    serving = ServingConfig(preferred_batch_sizes=(2,), max_queue_delay_us=250, instances=2,
-                            onnxruntime=OnnxRuntimeOptions(intra_op_thread_count=1, graph_optimization_level="basic"))
+    serving = {"preferred_batch_sizes": [2], "max_queue_delay_us": 250, "instances": 2,
+               "onnxruntime": {"intra_op_thread_count": 1, "graph_optimization_level": "basic"}}
     models = tiny.render(serving, plan=False)
     onnx, portable = parse(models["tiny_onnx"].config_text(1)), parse(models["tiny_onnx_python"].config_text(1))
     for config in (onnx, portable):
@@ -161,7 +168,7 @@ def test_model_configs_batch_warm_up_and_use_the_recipe(tiny):
 
 
 def test_gpu_config_can_enable_the_tensorrt_accelerator_in_fp16(tiny):
-    config = parse(tiny.render(ServingConfig(device="gpu", tensorrt_accelerator=True))["tiny_onnx"].config_text(1))
+    config = parse(tiny.render({"device": "gpu", "tensorrt_accelerator": True})["tiny_onnx"].config_text(1))
     assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
     (accelerator,) = config.optimization.execution_accelerators.gpu_execution_accelerator
     assert accelerator.name == "tensorrt" and accelerator.parameters["precision_mode"] == "FP16"
@@ -169,11 +176,11 @@ def test_gpu_config_can_enable_the_tensorrt_accelerator_in_fp16(tiny):
 
 
 def test_tensorrt_config_uses_the_engines_profiles_by_index(tiny):
-    profiles = tuple({n: ((1, 2), (2, 8), (4, 16)) if i == 0 else ((1, 16), (2, 32), (2, 32)) for n in tiny.spec.input_names}
-                     for i in range(2))
+    profiles = tuple(ProfileShapes(f"p{i}", i, {n: ((1, 2), (2, 8), (4, 16)) if i == 0 else ((1, 16), (2, 32), (2, 32))
+                                                for n in tiny.spec.input_names}) for i in range(2))
     plan = TensorRTPlan(tiny.onnx.with_name("model.plan"), profiles, max_batch_size=2)
-    models = {m.name: m for m in render.render_repository(tiny.recipe, tiny.spec, ServingConfig(targets=("tensorrt",)),
-                                                           Artifacts(tiny.onnx, tiny.tokenizer, plan))}
+    recipe = tiny.recipe.override({"serving": {"targets": ["tensorrt"]}})
+    models = {m.name: m for m in render.render_repository(recipe, tiny.spec, Artifacts(tiny.onnx, tiny.tokenizer, plan))}
     config = parse(models["tiny_tensorrt_plan"].config_text(1))
     assert config.platform == "tensorrt_plan" and config.max_batch_size == 2
     assert list(config.dynamic_batching.preferred_batch_size) == [2], "preferred sizes above the plan's max dropped"
@@ -192,9 +199,10 @@ def test_tensorrt_config_uses_the_engines_profiles_by_index(tiny):
 def test_tensorrt_profiles_that_do_not_fit_the_graph_are_refused(tiny, profile, message):
     if profile == "rank":
         profile = {n: ((1,), (2,), (4,)) for n in tiny.spec.input_names}
-    plan = TensorRTPlan(Path("model.plan"), (profile,), 4)
+    plan = TensorRTPlan(Path("model.plan"), (ProfileShapes("default", 0, profile),), 4)
+    recipe = tiny.recipe.override({"serving": ALL_TARGETS})
     with pytest.raises(PackagerError, match=re.escape(message)):
-        render.render_repository(tiny.recipe, tiny.spec, ALL_TARGETS, Artifacts(tiny.onnx, tiny.tokenizer, plan))
+        render.render_repository(recipe, tiny.spec, Artifacts(tiny.onnx, tiny.tokenizer, plan))
 
 
 # ---- the files of the python-backend models --------------------------------------------------------------------
@@ -267,37 +275,35 @@ def test_a_missing_template_variable_is_an_error_not_an_empty_string(tiny):
 
 def test_text_input_may_not_clash_with_a_model_tensor(tiny):
     with pytest.raises(UsageError, match="clashes"):
-        tiny.render(ServingConfig(text_input="input_ids"))
+        tiny.render({"text_input": "input_ids"})
 
 
 # ---- the [serving] section -----------------------------------------------------------------------------------------
 
 
 def test_serving_defaults_when_the_recipe_has_no_section(tiny_recipe_embeddings):
-    serving = ServingConfig.from_recipe(tiny_recipe_embeddings)
-    assert serving == ServingConfig()
-    assert serving.batch_sizes(tiny_recipe_embeddings.profile) == (2, 4)
+    assert tiny_recipe_embeddings.serving == Serving()
+    assert tiny_recipe_embeddings.serving.batch_sizes(tiny_recipe_embeddings.profile) == (2, 4)
 
 
 def test_bert_recipe_serving_section_parses():
-    serving = ServingConfig.from_recipe(load_recipe("bert"))
+    serving = load_recipe("bert").serving
     assert serving.targets == ("onnxruntime", "python", "tensorrt") and serving.text_input == "text"
     assert serving.preferred_batch_sizes == (8, 32) and serving.onnxruntime.execution_mode == "sequential"
 
 
 @pytest.mark.parametrize("section, message", [
-    ({"target": ["python"]}, "unknown keys ['target']"),
-    ({"instances": "2"}, "instances must be a int"),
+    ({"target": ["python"]}, "[serving]: unknown key 'target'; did you mean 'targets'?"),
+    ({"instances": "2"}, "[serving] instances must be an integer; got '2'"),
     ({"preferred_batch_sizes": [2, 8]}, "exceeds the profile's max batch 4"),
-    ({"targets": ["python", "triton"]}, "serving.targets must be one of"),
-    ({"tensorrt_accelerator": True}, "needs serving.device"),
+    ({"targets": ["python", "triton"]}, "[serving] targets[1] must be one of 'onnxruntime', 'python', 'tensorrt'"),
+    ({"tensorrt_accelerator": True}, "tensorrt_accelerator needs device"),
     ({"onnxruntime": {"graph_optimization_level": "max"}}, "graph_optimization_level must be one of"),
-    ({"onnxruntime": {"threads": 2}}, "[serving].onnxruntime: unknown keys ['threads']"),
+    ({"onnxruntime": {"threads": 2}}, "[serving.onnxruntime]: unknown key 'threads'"),
 ])
 def test_bad_serving_keys_are_usage_errors_naming_the_key(tiny_recipe_embeddings, section, message):
-    recipe = tiny_recipe_embeddings.replace(sections={"serving": section})
     with pytest.raises(UsageError, match=re.escape(message)):
-        ServingConfig.from_recipe(recipe)
+        tiny_recipe_embeddings.override({"serving": section})
 
 
 # ---- live: the python-backend models in the real tritonserver ------------------------------------------------------
@@ -316,9 +322,9 @@ class Live:
 def live(tiny, tmp_path_factory) -> Live:
     """tiny_python (tokenizer + portable model) published and loaded; the batcher waits for JOIN rows."""
     pytest.importorskip("pytriton", reason="the local launcher needs nvidia-pytriton")
-    serving = ServingConfig(targets=("python",), preferred_batch_sizes=(JOIN,), max_queue_delay_us=60_000_000)
+    serving = {"targets": ["python"], "preferred_batch_sizes": [JOIN], "max_queue_delay_us": 60_000_000}
     root = tmp_path_factory.mktemp("served") / "model_repository"
-    repository.publish(root, list(tiny.render(serving, plan=False).values()), {"test": "live"})
+    tiny.publish(root, tiny.render(serving, plan=False).values())
     with serve("local", root, ready_timeout_s=60) as server:
         loaded = load_models(server, ["tiny_python"])
         assert loaded["tiny_python"].ok, loaded["tiny_python"].error
@@ -354,7 +360,7 @@ def test_served_tokenizer_truncates_pads_and_keeps_the_graphs_types(served, tiny
 def test_served_tokenizer_gives_the_hugging_face_tokenizers_tokens(live, tiny, variant):
     exported = variant(tiny)
     name = f"{exported.recipe.name}_tokenizer"
-    repository.publish(live.root, [exported.render(ServingConfig(targets=("python",)), plan=False)[name]], {})
+    exported.publish(live.root, [exported.render({"targets": ["python"]}, plan=False)[name]])
     loaded = load_models(live.server, [name])[name]
     assert loaded.ok, loaded.error
     for texts in (["Ok.", ""], ["[SEP] inside [PAD] a text", validate.VALIDATION_TEXTS[9], "Où est la gare ?"]):

@@ -7,11 +7,11 @@ stop at a point the test chooses; the test then kills them with SIGKILL or relea
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import importlib.util
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -28,19 +28,24 @@ from tritonclient.grpc import model_config_pb2
 
 from packager import export, render, repository, source
 from packager.errors import PackagerError, UsageError
-from packager.render import Artifacts, ServingConfig
+from packager.record import Manifest
+from packager.render import Artifacts
 from packager.tasks import get_task
 from packager.triton.server import load_models, serve
+from tests.tiny_model import sample_release
 
-PYTHON_ONLY = ServingConfig(targets=("python",))
-BOTH = ServingConfig(targets=("python", "onnxruntime"))
+PYTHON_ONLY = ("python",)
+BOTH = ("python", "onnxruntime")
 PUBLISHER = textwrap.dedent('''
     """A publisher process for the tests: publishes prepared models, optionally stopping at a chosen point."""
-    import json, sys, time
+    import json, os, sys, time
     from dataclasses import dataclass
     from pathlib import Path
 
+    sys.path.insert(0, os.getcwd())  # the project root: tests.tiny_model
     from packager import repository
+    from packager.iospec import IOSpec
+    from tests.tiny_model import sample_release
 
 
     @dataclass(frozen=True)
@@ -80,7 +85,8 @@ PUBLISHER = textwrap.dedent('''
     elif job["stop"] is not None:
         stop_after_moves(job["stop"], job["marker"])
     models = [Prepared(m["name"], {k: Path(v) for k, v in m["files"].items()}, m["configs"]) for m in job["models"]]
-    result = repository.publish(job["root"], models, {"publisher": job["publisher"]}, job["version"], job["force"])
+    release = sample_release(IOSpec.from_dict(job["spec"]), {"name": "tiny", "publisher": job["publisher"]})
+    result = repository.publish(job["root"], models, release, {}, job["version"], job["force"])
     print(f"published version {result.version}", flush=True)
 ''')
 
@@ -93,9 +99,23 @@ def exported(tmp_path_factory, tiny_recipe_embeddings):
     return tiny_recipe_embeddings, result.spec, Artifacts(result.path, loaded.tokenizer), loaded.weights_sha256
 
 
-def models_for(exported, serving: ServingConfig) -> list[render.RenderedModel]:
+def models_for(exported, targets: tuple[str, ...]) -> list[render.RenderedModel]:
     recipe, spec, artifacts, _ = exported
-    return render.render_repository(recipe, spec, serving, artifacts)
+    return render.render_repository(recipe.override({"serving": {"targets": list(targets)}}), spec, artifacts)
+
+
+def release(exported, **recipe_data):
+    """A release of the exported tiny model; `recipe_data` marks it (e.g. build="first")."""
+    return sample_release(exported[1], {"name": "tiny", **recipe_data})
+
+
+def publish(root, exported, targets, version=None, force=False, **mark):
+    return repository.publish(root, models_for(exported, targets), release(exported, **mark), {}, version, force)
+
+
+def mark(folder: Path) -> dict:
+    """The recipe data a version's manifest records (where the tests put their marks)."""
+    return Manifest.read(folder).release.recipe
 
 
 @pytest.fixture
@@ -117,11 +137,11 @@ def parse(path: Path) -> model_config_pb2.ModelConfig:
 
 def complete(version_folder: Path) -> bool:
     """A version folder holds exactly the files its manifest lists, with their digests."""
-    manifest = json.loads((version_folder / repository.MANIFEST_FILE).read_text())
+    manifest = Manifest.read(version_folder)
     files = {str(p.relative_to(version_folder)) for p in version_folder.rglob("*") if p.is_file()}
-    return files == set(manifest["files"]) | {repository.MANIFEST_FILE} and all(
+    return files == set(manifest.files) | {repository.MANIFEST_FILE} and all(
         hashlib.sha256((version_folder / name).read_bytes()).hexdigest() == digest
-        for name, digest in manifest["files"].items()
+        for name, digest in manifest.files.items()
     )
 
 
@@ -134,9 +154,8 @@ def workspace(root: Path) -> Path:
 
 def test_publish_lays_out_models_versions_and_manifests(exported, root):
     recipe, spec, artifacts, weights = exported
-    manifest = repository.build_manifest(recipe, spec, weights, [{"variant": "onnx", "passed": True}],
-                                         optimize={"level": "fused"})
-    result = repository.publish(root, models_for(exported, BOTH), manifest)
+    gates = {"tiny_onnx": release(exported).build.shipped_gate}
+    result = repository.publish(root, models_for(exported, BOTH), release(exported), gates)
     names = ["tiny_tokenizer", "tiny_onnx_python", "tiny_python", "tiny_onnx", "tiny"]
     assert result.version == 1 and result.paths == {name: root / name / "1" for name in names}
     assert sorted(p.name for p in root.iterdir()) == sorted(names), "only model folders in the repository"
@@ -146,19 +165,21 @@ def test_publish_lays_out_models_versions_and_manifests(exported, root):
     for name in names:
         assert parse(root / name / "config.pbtxt").name == name and complete(root / name / "1")
     record = json.loads((root / "tiny_onnx" / "1" / "manifest.json").read_text())
-    assert record["version"] == 1 and record["model"] == "tiny_onnx" and record["models"] == names
-    assert record["source"]["weights_sha256"] == weights and record["iospec"]["inputs"][0]["name"] == "input_ids"
-    assert set(record["packages"]) >= {"torch", "transformers", "onnx", "onnxruntime", "tritonclient"}
-    assert all(record["packages"][name] for name in ("torch", "onnx", "onnxruntime", "tritonclient"))
-    assert record["profile"]["sequence"] == {"min": 2, "opt": 16, "max": 32} and record["parity"][0]["passed"]
-    assert record["optimize"] == {"level": "fused"} and record["created"] and record["published"]
+    assert record["schema"] == 1 and record["version"] == 1 and record["model"] == "tiny_onnx"
+    assert record["models"] == names and record["gate"]["name"] == "fp32"
+    shared = record["release"]
+    assert shared["iospec"]["inputs"][0]["name"] == "input_ids" and shared["build"]["optimize"]["shipped"] == "plain"
+    assert set(shared["packages"]) >= {"python", "torch", "transformers", "onnx", "onnxruntime", "tritonclient"}
+    assert all(shared["packages"][name] for name in ("torch", "onnx", "onnxruntime", "tritonclient"))
+    assert shared["created"] and "lock_sha256" in shared
     assert record["files"]["model.onnx"] == hashlib.sha256(artifacts.onnx.read_bytes()).hexdigest()
+    assert Manifest.read(root / "tiny_tokenizer" / "1").gate is None, "the tokenizer runs no gated graph"
 
 
 def test_each_publish_adds_the_next_version_across_the_recipes_models(exported, root):
-    assert repository.publish(root, models_for(exported, PYTHON_ONLY), {}).version == 1
+    assert publish(root, exported, PYTHON_ONLY).version == 1
     first = tree(root / "tiny_onnx_python" / "1")
-    result = repository.publish(root, models_for(exported, BOTH), {})  # tiny_onnx and tiny are new: they start at 2
+    result = publish(root, exported, BOTH)  # tiny_onnx and tiny are new: they start at 2
     assert result.version == 2
     assert repository.versions(root / "tiny_onnx_python") == [1, 2] and repository.versions(root / "tiny_onnx") == [2]
     assert tree(root / "tiny_onnx_python" / "1") == first, "an earlier version is left alone"
@@ -168,18 +189,17 @@ def test_each_publish_adds_the_next_version_across_the_recipes_models(exported, 
 
 
 def test_an_existing_version_is_replaced_only_with_force(exported, root):
-    models = models_for(exported, PYTHON_ONLY)
-    repository.publish(root, models, {"build": "first"})
-    repository.publish(root, models, {"build": "second"})
+    publish(root, exported, PYTHON_ONLY, build="first")
+    publish(root, exported, PYTHON_ONLY, build="second")
     with pytest.raises(UsageError, match="version 1 of tiny_tokenizer, tiny_onnx_python, tiny_python exists.*--force"):
-        repository.publish(root, models, {"build": "third"}, version=1)
-    assert json.loads((root / "tiny_python" / "1" / "manifest.json").read_text())["build"] == "first"
-    result = repository.publish(root, models, {"build": "third"}, version=1, force=True)
+        publish(root, exported, PYTHON_ONLY, version=1, build="third")
+    assert mark(root / "tiny_python" / "1")["build"] == "first"
+    result = publish(root, exported, PYTHON_ONLY, version=1, force=True, build="third")
     assert result.version == 1 and repository.versions(root / "tiny_python") == [1, 2]
-    assert json.loads((root / "tiny_python" / "1" / "manifest.json").read_text())["build"] == "third"
+    assert mark(root / "tiny_python" / "1")["build"] == "third"
     assert list(parse(root / "tiny_python" / "config.pbtxt").version_policy.specific.versions) == [1]
-    assert repository.publish(root, models, {}, version=7).version == 7
-    assert repository.publish(root, models, {}).version == 8
+    assert publish(root, exported, PYTHON_ONLY, version=7).version == 7
+    assert publish(root, exported, PYTHON_ONLY).version == 8
 
 
 @pytest.mark.parametrize("name", ["../escape", "a/b", "..", ".hidden", "-flag", "with space", "", "model\\x", "é"])
@@ -189,7 +209,7 @@ def test_names_that_could_escape_or_are_not_triton_names_are_refused(exported, r
     model = models_for(exported, PYTHON_ONLY)[0]
     renamed = render.RenderedModel(name, model.template, model.context, model.files)
     with pytest.raises(UsageError):
-        repository.publish(root, [renamed], {})
+        repository.publish(root, [renamed], release(exported), {})
     assert not root.exists() or not any(root.iterdir())
 
 
@@ -197,7 +217,7 @@ def test_files_that_would_leave_the_version_folder_are_refused(exported, root):
     model = models_for(exported, PYTHON_ONLY)[0]
     sneaky = render.RenderedModel(model.name, model.template, model.context, {"../config.pbtxt": b"x"})
     with pytest.raises(UsageError, match="invalid file name"):
-        repository.publish(root, [sneaky], {})
+        repository.publish(root, [sneaky], release(exported), {})
 
 
 # ---- python modules byte-compiled at staging ---------------------------------------------------------------------
@@ -207,17 +227,16 @@ PYC = f"__pycache__/model.{sys.implementation.cache_tag}.pyc"
 
 
 def test_python_backend_modules_are_published_with_their_hash_checked_bytecode(exported, root):
-    result = repository.publish(root, models_for(exported, BOTH), {})
+    result = publish(root, exported, BOTH)
     for name in ("tiny_tokenizer", "tiny_onnx_python"):
         folder = result.paths[name]
-        record = json.loads((folder / repository.MANIFEST_FILE).read_text())
-        assert PYC in record["files"] and complete(folder)
+        assert PYC in Manifest.read(folder).files and complete(folder)
         compiled = (folder / PYC).read_bytes()
         assert compiled[:4] == importlib.util.MAGIC_NUMBER
         assert int.from_bytes(compiled[4:8], "little") == 0b11, "hash-based and checked, not an mtime check"
         assert compiled[8:16] == importlib.util.source_hash((folder / "model.py").read_bytes())
     assert not (result.paths["tiny_onnx"] / "__pycache__").exists(), "no python module, no bytecode"
-    again = repository.publish(root, models_for(exported, BOTH), {})
+    again = publish(root, exported, BOTH)
     assert (again.paths["tiny_tokenizer"] / PYC).read_bytes() == (result.paths["tiny_tokenizer"] / PYC).read_bytes()
 
 
@@ -227,7 +246,7 @@ def test_a_python_module_that_does_not_compile_stops_the_publish(exported, root,
     model = models_for(exported, PYTHON_ONLY)[0]
     broken_model = render.RenderedModel(model.name, model.template, model.context, {"model.py": broken})
     with pytest.raises(PackagerError, match=r"model.py of tiny_tokenizer does not compile: .*line 1"):
-        repository.publish(root, [broken_model], {})
+        repository.publish(root, [broken_model], release(exported), {})
     assert not any(root.iterdir())
 
 
@@ -243,7 +262,7 @@ def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
 def test_serving_a_published_version_changes_nothing_in_its_folder(exported, root):
     """The real tritonserver loads and runs the python models; their version folders stay byte-for-byte the same."""
     pytest.importorskip("pytriton", reason="the local launcher needs nvidia-pytriton")
-    result = repository.publish(root, models_for(exported, PYTHON_ONLY), {})
+    result = publish(root, exported, PYTHON_ONLY)
     before = {name: snapshot(folder) for name, folder in result.paths.items()}
     with serve("local", root, ready_timeout_s=60) as server:
         loaded = load_models(server, ["tiny_python"])["tiny_python"]
@@ -261,35 +280,34 @@ def test_serving_a_published_version_changes_nothing_in_its_folder(exported, roo
 
 
 def test_a_failure_while_staging_leaves_the_repository_as_it_was(exported, root, tmp_path):
-    repository.publish(root, models_for(exported, PYTHON_ONLY), {})
+    publish(root, exported, PYTHON_ONLY)
     before = tree(root)
     models = models_for(exported, PYTHON_ONLY)
     broken = render.RenderedModel(models[-1].name, models[-1].template, models[-1].context,
                                   {"model.onnx": tmp_path / "missing.onnx"})
     with pytest.raises(PackagerError, match="cannot copy .*missing.onnx into tiny_python"):
-        repository.publish(root, models[:-1] + [broken], {})
+        repository.publish(root, models[:-1] + [broken], release(exported), {})
     assert tree(root) == before and not list(workspace(root).glob("txn-*"))
 
 
 def test_a_failure_while_moving_is_rolled_back_at_once(exported, root):
-    models = models_for(exported, PYTHON_ONLY)
-    repository.publish(root, models, {})
+    publish(root, exported, PYTHON_ONLY)
     config = root / "tiny_python" / repository.CONFIG_FILE
     config.unlink()
     config.mkdir()  # a folder where the ensemble's config must go: its move fails after the others went through
     before = tree(root)
     with pytest.raises(OSError):
-        repository.publish(root, models, {})
+        publish(root, exported, PYTHON_ONLY)
     assert tree(root) == before and not list(workspace(root).glob("txn-*"))
 
 
 # ---- real publisher processes: SIGKILL half-way, and two at once ----------------------------------------------------
 
 
-def prepare(exported, serving: ServingConfig, folder: Path) -> list[dict]:
+def prepare(exported, targets: tuple[str, ...], folder: Path) -> list[dict]:
     """The rendered models as data a publisher process reads: files on disk, configs for versions 1..9."""
     prepared = []
-    for model in models_for(exported, serving):
+    for model in models_for(exported, targets):
         files = {}
         for relative, data in model.files.items():
             if isinstance(data, bytes):
@@ -304,14 +322,14 @@ def prepare(exported, serving: ServingConfig, folder: Path) -> list[dict]:
 
 
 def start_publisher(tmp_path: Path, root: Path, models: list[dict], publisher: str, stop=None,
-                    version: int | None = None, force: bool = False) -> tuple[subprocess.Popen, Path]:
+                    version: int | None = None, force: bool = False, spec=None) -> tuple[subprocess.Popen, Path]:
     script = tmp_path / "publisher.py"
     script.write_text(PUBLISHER)
     marker = tmp_path / f"{publisher}.stopped"
     marker.unlink(missing_ok=True)
     job = tmp_path / f"{publisher}.json"
     job.write_text(json.dumps({"root": str(root), "models": models, "publisher": publisher, "stop": stop,
-                               "marker": str(marker), "version": version, "force": force}))
+                               "marker": str(marker), "version": version, "force": force, "spec": spec}))
     process = subprocess.Popen([sys.executable, str(script), str(job)], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).parent.parent)
     return process, marker
@@ -351,14 +369,15 @@ def assert_killed_publish_is_undone(root: Path, before: dict[str, str], moved: b
 
 @pytest.mark.parametrize("scenario, moves", [("next version, two new models", 8), ("forced replacement", 6)])
 def test_a_publish_killed_at_any_point_leaves_the_repository_exactly_as_it_was(exported, root, tmp_path, scenario, moves):
-    repository.publish(root, models_for(exported, PYTHON_ONLY), {"build": "original"})
+    publish(root, exported, PYTHON_ONLY, build="original")
     forced = scenario == "forced replacement"
+    spec = dataclasses.asdict(exported[1])
     models = prepare(exported, PYTHON_ONLY if forced else BOTH, tmp_path / "prepared")
     before = tree(root)
     killed = 0
     for stop in ["journal", *range(moves + 1)]:
         process, marker = start_publisher(tmp_path, root, models, "killed", stop, version=1 if forced else None,
-                                          force=forced)
+                                          force=forced, spec=spec)
         if not wait_stopped_or_done(process, marker):
             break
         kill(process)
@@ -367,15 +386,16 @@ def test_a_publish_killed_at_any_point_leaves_the_repository_exactly_as_it_was(e
     assert killed == moves + 1, "stopped before the journal and after each move but the last"
     expected = 1 if forced else 2
     assert repository.versions(root / "tiny_python")[-1] == expected, "the publish that was not stopped went through"
-    assert json.loads((root / "tiny_python" / str(expected) / "manifest.json").read_text())["publisher"] == "killed"
+    assert mark(root / "tiny_python" / str(expected))["publisher"] == "killed"
 
 
 def test_concurrent_publishers_are_serialised_and_both_versions_land(exported, root, tmp_path):
-    repository.publish(root, models_for(exported, PYTHON_ONLY), {})
+    publish(root, exported, PYTHON_ONLY)
     models = prepare(exported, PYTHON_ONLY, tmp_path / "prepared")
+    spec = dataclasses.asdict(exported[1])
     with (workspace(root) / "lock").open("a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # hold the lock until both publishers are queued behind it
-        processes = [start_publisher(tmp_path, root, models, name)[0] for name in ("first", "second")]
+        processes = [start_publisher(tmp_path, root, models, name, spec=spec)[0] for name in ("first", "second")]
         for process in processes:
             assert "waiting for another publish" in process.stdout.readline()
         assert repository.versions(root / "tiny_python") == [1], "nobody published while the lock was held"
@@ -387,18 +407,12 @@ def test_concurrent_publishers_are_serialised_and_both_versions_land(exported, r
     for model in ("tiny_tokenizer", "tiny_onnx_python", "tiny_python"):
         assert repository.versions(root / model) == [1, 2, 3]
         assert all(complete(root / model / str(version)) for version in (1, 2, 3))
-    publishers = {json.loads((root / "tiny_python" / str(v) / "manifest.json").read_text())["publisher"] for v in (2, 3)}
+    publishers = {mark(root / "tiny_python" / str(v))["publisher"] for v in (2, 3)}
     assert publishers == {"first", "second"}
 
 
 def test_recover_on_a_clean_repository_does_nothing(exported, root):
     assert repository.recover(root) == 0
-    repository.publish(root, models_for(exported, PYTHON_ONLY), {})
+    publish(root, exported, PYTHON_ONLY)
     before = tree(root)
     assert repository.recover(root) == 0 and tree(root) == before
-
-
-def test_manifest_extras_may_not_replace_the_base_record(exported):
-    recipe, spec, _, weights = exported
-    with pytest.raises(PackagerError, match=r"\['iospec'\]"):
-        repository.build_manifest(recipe, spec, weights, [], iospec={})

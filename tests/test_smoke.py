@@ -9,6 +9,7 @@ import pytest
 
 pytest.importorskip("pytriton", reason="the local launcher needs nvidia-pytriton")
 
+from packager import source
 from packager.errors import GateFailed, UsageError
 from packager.iospec import IOSpec
 from packager.triton.smoke import Reference, Status, discover, published_models, require, smoke
@@ -95,7 +96,7 @@ def test_classifier_is_checked_with_argmax(live_server, live_repository, live_cl
 
 def test_answers_of_another_model_fail_the_smoke(tmp_path, live_server, live_repository, live_embeddings, live_loaded):
     other = tiny_recipe(write_tiny_bert(tmp_path / "other", seed=1))
-    reference = Reference.for_recipe(other, live_embeddings.spec)
+    reference = Reference.of(other, live_embeddings.spec, source.load(other))
     ensemble = live_embeddings.named("_python")
     result = run_on_live_server(
         live_server, live_repository, live_embeddings, reference, models=[ensemble], protocols=("http",)

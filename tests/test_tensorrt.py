@@ -2,6 +2,7 @@
 timing cache, the skip path, the target-release check and the trtexec command."""
 
 import dataclasses
+import re
 import types
 from pathlib import Path
 
@@ -13,7 +14,9 @@ from onnx import TensorProto, helper, numpy_helper
 from packager import export, iospec, source, tensorrt
 from packager.errors import UsageError
 from packager.iospec import IOSpec, TensorSpec
-from packager.recipe import Range, load_recipe
+from packager.optimize.fp16 import fp16_graph
+from packager.recipe import EngineProfile, Range, load_recipe
+from packager.record import to_data
 from packager.tasks import get_task
 
 pytest.importorskip("tensorrt_rtx", reason="the build check needs tensorrt-rtx-cu12 (make test installs it)")
@@ -26,10 +29,23 @@ def exported(recipe, folder: Path):
     return export.export_onnx(loaded, get_task(recipe.task), folder / "model.onnx", recipe.opset)
 
 
+def build(graph: Path, spec: IOSpec, recipe, work_dir: Path, **options):
+    """build_engine as the pipeline calls it: an fp16 engine gets the fp16 graph of `graph`, made in work_dir."""
+    def make_fp16() -> Path:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        return fp16_graph(graph, work_dir / "model.fp16.onnx")
+
+    return tensorrt.build_engine(graph, spec, recipe, work_dir, fp16_graph=make_fp16, **options)
+
+
+def with_tensorrt(recipe, **settings):
+    return recipe.override({"tensorrt": settings})
+
+
 @pytest.fixture(scope="module")
 def tiny(tiny_recipe_embeddings, tmp_path_factory):
     """The tiny BERT exported, with a recipe asking for two profiles (batch 1/2/4; sequence 2-16 and 16-32)."""
-    recipe = tiny_recipe_embeddings.replace(sections={"tensorrt": {"profiles": TWO_PROFILES}})
+    recipe = with_tensorrt(tiny_recipe_embeddings, profiles=TWO_PROFILES)
     return recipe, exported(recipe, tmp_path_factory.mktemp("tiny-onnx"))
 
 
@@ -48,41 +64,40 @@ def built_profiles(result) -> list[tuple[str, dict]]:
 
 
 def test_settings_default_to_one_profile_equal_to_the_recipe(tiny_recipe_embeddings):
-    settings = tensorrt.read_settings(tiny_recipe_embeddings)
-    assert settings.precision == "fp32"
-    assert settings.profiles == (tensorrt.EngineProfile("default", Range(1, 2, 4), Range(2, 16, 32)),)
-    assert settings.max_batch_size == 4
+    recipe = tiny_recipe_embeddings
+    assert recipe.tensorrt.precision == "fp32"
+    assert recipe.engine_profiles == (EngineProfile("default", Range(1, 2, 4), Range(2, 16, 32)),)
+    assert recipe.engine_max_batch_size == 4
 
 
 def test_bert_recipe_asks_for_fp16_with_two_profiles_covering_its_profile():
     recipe = load_recipe("bert")
-    settings = tensorrt.read_settings(recipe)
-    assert settings.precision == "fp16"
-    assert [(p.name, p.batch, p.sequence) for p in settings.profiles] == [
+    assert recipe.tensorrt.precision == "fp16"
+    assert [(p.name, p.batch, p.sequence) for p in recipe.engine_profiles] == [
         ("short", Range(1, 8, 32), Range(2, 64, 128)),
         ("long", Range(1, 8, 32), Range(128, 256, 256)),
     ]
-    assert settings.gate_tolerances(recipe).max_abs == 1e-2
-    assert tensorrt.read_settings(recipe, precision="fp32").gate_tolerances(recipe) == recipe.tolerances
+    assert recipe.gates.for_engine("fp16") == ("fp16", recipe.gates.fp16)
+    assert recipe.gates.for_engine("fp32") == ("fp32", recipe.gates.fp32)
 
 
 @pytest.mark.parametrize(
     "section, message",
     [
-        ({"precison": "fp16"}, "unknown keys ['precison']"),
-        ({"precision": "int8"}, "precision must be one of"),
+        ({"precison": "fp16"}, "[tensorrt]: unknown key 'precison'; did you mean 'precision'?"),
+        ({"precision": "int8"}, "[tensorrt] precision must be one of 'fp32', 'fp16'"),
         ({"triton_release": "19.01"}, "unknown Triton release '19.01'"),
         ({"workspace_mib": 0}, "workspace_mib must be a positive integer"),
         ({"profiles": [{"name": "big", "sequence": [2, 16, 64]}]}, "sequence 2..64 is outside the recipe's 2..32"),
         ({"profiles": [{"name": "a", "sequence": [2, 8, 10]}, {"name": "b", "sequence": [12, 16, 32]}]},
          "no profile accepts batch 1 x sequence 11"),
         ({"profiles": [{"name": "a"}, {"name": "a"}]}, "profile names must be unique"),
-        ({"profiles": [{"sequence": [2, 16, 32]}]}, "needs a string 'name'"),
+        ({"profiles": [{"sequence": [2, 16, 32]}]}, "[tensorrt.profiles[0]] name is missing (a string)"),
     ],
 )
 def test_bad_tensorrt_sections_are_usage_errors_naming_the_problem(tiny_recipe_embeddings, section, message):
-    with pytest.raises(UsageError, match=message.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
-        tensorrt.read_settings(tiny_recipe_embeddings.replace(sections={"tensorrt": section}))
+    with pytest.raises(UsageError, match=re.escape(message)):
+        tiny_recipe_embeddings.override({"tensorrt": section})
 
 
 def test_profile_shapes_follow_the_io_spec_axes():
@@ -90,7 +105,7 @@ def test_profile_shapes_follow_the_io_spec_axes():
         inputs=(TensorSpec("ids", "INT64", ("batch", "sequence")), TensorSpec("scale", "FLOAT", (3,))),
         outputs=(TensorSpec("out", "FLOAT", ("batch", 7)),),
     )
-    profile = tensorrt.EngineProfile("p", Range(1, 4, 8), Range(5, 6, 9))
+    profile = EngineProfile("p", Range(1, 4, 8), Range(5, 6, 9))
     assert tensorrt.profile_shapes(spec, profile) == {"ids": ((1, 5), (4, 6), (8, 9))}  # fixed inputs need none
     odd = IOSpec((TensorSpec("pixels", "FLOAT", ("batch", "height")),), ())
     with pytest.raises(tensorrt.PackagerError, match="'pixels' has dynamic axes \\['height'\\]"):
@@ -103,10 +118,9 @@ def test_profile_shapes_follow_the_io_spec_axes():
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_tiny_model_builds_with_two_profiles_matching_the_io_spec_and_recipe(tiny, tmp_path, precision):
     recipe, model = tiny
-    settings = tensorrt.read_settings(recipe, precision=precision)
-    result = tensorrt.build_engine(model.path, model.spec, settings, tmp_path)
+    result = build(model.path, model.spec, with_tensorrt(recipe, precision=precision), tmp_path)
 
-    assert result.status == "build-check" and not result.publishable
+    assert result.status == "build-check"
     assert "no deployable engine was produced" in result.message and "not published" in result.message
     assert result.network == tensorrt.engine_dims(model.spec)
     assert [t.dtype for t in result.network.inputs] == [t.dtype for t in model.spec.inputs]  # IO types kept in fp16
@@ -117,37 +131,32 @@ def test_tiny_model_builds_with_two_profiles_matching_the_io_spec_and_recipe(tin
     facts = result.facts
     assert (facts.package, facts.deployable, facts.gpu, facts.precision) == (
         "tensorrt_rtx", False, "none (build check)", precision)
-    assert facts.engine_bytes > 0 and facts.build_seconds > 0
-    assert [p["shapes"] for p in facts.to_dict()["profiles"]][0][model.spec.input_names[0]] == {
-        "min": [1, 2], "opt": [2, 8], "max": [4, 16]}
+    assert facts.engine_bytes > 0 and result.stats.build_seconds > 0
+    assert facts.graph == ("model.fp16.onnx" if precision == "fp16" else "model.onnx")
+    assert to_data(facts)["profiles"][0]["shapes"][model.spec.input_names[0]] == [[1, 2], [2, 8], [4, 16]]
 
 
 def test_fp16_builds_from_an_fp16_graph_with_io_types_kept(tiny, tmp_path):
     recipe, model = tiny
-    settings = tensorrt.read_settings(recipe, precision="fp16")
-    made = tensorrt.build_engine(model.path, model.spec, settings, tmp_path / "made")
-    fp16_path = tmp_path / "made" / tensorrt.FP16_GRAPH_FILE
-    assert made.facts.onnx == str(fp16_path)
-    graph = onnx.load(str(fp16_path))
+    made = build(model.path, model.spec, with_tensorrt(recipe, precision="fp16"), tmp_path)
+    graph = onnx.load(str(tmp_path / made.facts.graph))
     assert TensorProto.FLOAT16 in {init.data_type for init in graph.graph.initializer if len(init.dims) == 2}
     assert iospec.from_onnx(graph) == model.spec
-
-    given = tensorrt.build_engine(model.path, model.spec, settings, tmp_path / "given", fp16_onnx=fp16_path)
-    assert given.facts.onnx == str(fp16_path) and not (tmp_path / "given").exists()
+    with pytest.raises(tensorrt.PackagerError, match="needs its fp16 graph"):
+        tensorrt.build_engine(model.path, model.spec, with_tensorrt(recipe, precision="fp16"), tmp_path)
 
 
 def test_timing_cache_is_written_then_reused(tiny, tmp_path):
     recipe, model = tiny
-    settings = tensorrt.read_settings(recipe)
-    first = tensorrt.build_engine(model.path, model.spec, settings, tmp_path, cache_dir=tmp_path / "cache")
+    first = build(model.path, model.spec, recipe, tmp_path, cache_dir=tmp_path / "cache")
     (cache_file,) = (tmp_path / "cache").iterdir()
     assert cache_file.name == f"tensorrt_rtx-{first.facts.version}.timing-cache"
-    assert first.facts.timing_cache["loaded_bytes"] == 0
-    assert first.facts.timing_cache["saved_bytes"] == cache_file.stat().st_size > 0
+    assert first.stats.timing_cache_loaded_bytes == 0
+    assert first.stats.timing_cache_saved_bytes == cache_file.stat().st_size > 0
 
-    second = tensorrt.build_engine(model.path, model.spec, settings, tmp_path, cache_dir=tmp_path / "cache")
-    assert second.facts.timing_cache["loaded_bytes"] == cache_file.stat().st_size
-    assert second.facts.timing_cache["path"] == str(cache_file)
+    second = build(model.path, model.spec, recipe, tmp_path, cache_dir=tmp_path / "cache")
+    assert second.stats.timing_cache_loaded_bytes == cache_file.stat().st_size
+    assert second.stats.timing_cache_path == str(cache_file)
 
 
 def test_a_network_that_differs_from_the_io_spec_is_refused(tiny, tmp_path):
@@ -156,7 +165,7 @@ def test_a_network_that_differs_from_the_io_spec_is_refused(tiny, tmp_path):
     wrong = IOSpec((TensorSpec(first.name, "INT32", first.dims), *model.spec.inputs[1:]), model.spec.outputs)
     expected = f"differs from the IO spec: input 0: TensorRT has .*'{first.name}', dtype='INT64'"
     with pytest.raises(tensorrt.EngineBuildError, match=expected):
-        tensorrt.build_engine(model.path, wrong, tensorrt.read_settings(recipe), tmp_path)
+        build(model.path, wrong, recipe, tmp_path)
 
 
 def write_custom_op_graph(path: Path) -> Path:
@@ -174,9 +183,8 @@ def write_custom_op_graph(path: Path) -> Path:
 
 def test_an_unsupported_op_fails_with_the_parser_error_naming_the_node(tiny_recipe_embeddings, tmp_path, capsys):
     graph = write_custom_op_graph(tmp_path / "custom.onnx")
-    settings = tensorrt.read_settings(tiny_recipe_embeddings)
     with pytest.raises(tensorrt.EngineBuildError) as failure:
-        tensorrt.build_engine(graph, iospec.from_onnx(graph), settings, tmp_path)
+        build(graph, iospec.from_onnx(graph), tiny_recipe_embeddings, tmp_path)
     message = str(failure.value)
     assert "cannot parse custom.onnx: node 1 'fancy_node' (FancyOp): " in message
     assert "Plugin not found" in message
@@ -196,9 +204,8 @@ def write_fixed_reshape_graph(path: Path) -> Path:
 
 def test_a_build_that_returns_no_engine_raises_with_the_builder_log(tiny_recipe_embeddings, tmp_path):
     graph = write_fixed_reshape_graph(tmp_path / "reshape.onnx")
-    settings = tensorrt.read_settings(tiny_recipe_embeddings)
     with pytest.raises(tensorrt.EngineBuildError) as failure:
-        tensorrt.build_engine(graph, iospec.from_onnx(graph), settings, tmp_path)
+        build(graph, iospec.from_onnx(graph), tiny_recipe_embeddings, tmp_path)
     headline, *log = str(failure.value).splitlines()
     assert "built no engine from reshape.onnx" in headline and "reshape_to_2x8" in headline
     assert "builder errors:" in log and "last log messages:" in log
@@ -210,8 +217,8 @@ def test_a_build_that_returns_no_engine_raises_with_the_builder_log(tiny_recipe_
 def test_without_any_tensorrt_the_step_is_skipped_with_the_reason(tiny, tmp_path):
     recipe, model = tiny
     absent = {"tensorrt": dataclasses.replace(tensorrt.BACKENDS["tensorrt"], module="tensorrt_absent_in_this_test")}
-    result = tensorrt.build_engine(model.path, model.spec, tensorrt.read_settings(recipe), tmp_path, backends=absent)
-    assert result.status == "skipped" and not result.publishable
+    result = build(model.path, model.spec, recipe, tmp_path, backends=absent)
+    assert result.status == "skipped"
     assert "No module named 'tensorrt_absent_in_this_test'" in result.message
     assert "pip install tensorrt" in result.message
     assert result.facts is None and result.profiles == () and list(tmp_path.iterdir()) == []
@@ -219,8 +226,7 @@ def test_without_any_tensorrt_the_step_is_skipped_with_the_reason(tiny, tmp_path
 
 def test_backend_choice(tiny, tmp_path):
     recipe, model = tiny
-    settings = tensorrt.read_settings(recipe)
-    off = tensorrt.build_engine(model.path, model.spec, settings, tmp_path, backend="none")
+    off = build(model.path, model.spec, recipe, tmp_path, backend="none")
     assert off.status == "skipped" and "--trt-backend none" in off.message
     assert tensorrt.select_backend("tensorrt-rtx").backend.module == "tensorrt_rtx"
     with pytest.raises(UsageError, match="unknown TensorRT backend 'trt'"):
@@ -228,8 +234,7 @@ def test_backend_choice(tiny, tmp_path):
 
 
 def test_tensorrt_rtx_has_no_fp16_flag(tiny_recipe_embeddings):
-    settings = tensorrt.read_settings(tiny_recipe_embeddings.replace(
-        sections={"tensorrt": {"precision": "fp16", "fp16_method": "flag"}}))
+    settings = with_tensorrt(tiny_recipe_embeddings, precision="fp16", fp16_method="flag").tensorrt
     with pytest.raises(UsageError, match="strongly typed networks only"):
         tensorrt.build_mode(settings, tensorrt.BACKENDS["tensorrt-rtx"])
     assert tensorrt.build_mode(settings, tensorrt.BACKENDS["tensorrt"]).builder_flags == ("FP16",)
@@ -254,10 +259,10 @@ def test_target_release_check():
 
 def test_trtexec_command_builds_the_same_profiles_in_the_release_container(tiny, tmp_path):
     recipe, model = tiny
-    settings = tensorrt.read_settings(recipe, precision="fp16", triton_release="25.01")
+    fp16 = with_tensorrt(recipe, precision="fp16", triton_release="25.01")
     onnx_path, engine = tmp_path / "a" / "model.fp16.onnx", tmp_path / "b" / "model.plan"
     cache = tmp_path / "c" / "t.cache"
-    argv = tensorrt.trtexec_command(onnx_path, engine, model.spec, settings, cache)
+    argv = tensorrt.trtexec_command(onnx_path, engine, model.spec, fp16, cache)
     names = model.spec.input_names
     shapes = lambda shape: ",".join(f"{name}:{shape}" for name in names)  # noqa: E731
     assert argv == [
@@ -271,7 +276,7 @@ def test_trtexec_command_builds_the_same_profiles_in_the_release_container(tiny,
         "--memPoolSize=workspace:1024M", "--noTF32", "--stronglyTyped",
         "--timingCacheFile=/work/cache/t.cache", "--skipInference",
     ]
-    flag = dataclasses.replace(settings, fp16_method="flag")
+    flag = with_tensorrt(fp16, fp16_method="flag")
     flagged = tensorrt.trtexec_command(onnx_path, engine, model.spec, flag, cache)
     assert "--fp16" in flagged and "--stronglyTyped" not in flagged
 
@@ -289,8 +294,7 @@ def minilm(tmp_path_factory):
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_minilm_builds_with_the_recipe_profiles(minilm, tmp_path, precision):
     recipe, model = minilm
-    settings = tensorrt.read_settings(recipe, precision=precision)
-    result = tensorrt.build_engine(model.path, model.spec, settings, tmp_path)
+    result = build(model.path, model.spec, with_tensorrt(recipe, precision=precision), tmp_path)
     assert result.status == "build-check"
     assert result.network == tensorrt.engine_dims(model.spec)
     assert result.network.tensor("sentence_embedding").dims == (-1, 384)

@@ -7,7 +7,10 @@ from pathlib import Path
 import torch
 from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast
 
-from packager.recipe import Profile, Range, Recipe, Source, Tolerances
+from packager.cpu import CPU_CLASSES
+from packager.iospec import IOSpec
+from packager.recipe import Gates, Recipe, parse_recipe
+from packager.record import BuildRecord, CpuRecord, EngineRecord, Gate, LevelRecord, OptimizeRecord, Release
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDS = (
@@ -35,11 +38,19 @@ def write_tiny_bert(folder: Path, task: str = "embeddings", seed: int = 0) -> Pa
     return folder
 
 
-def tiny_recipe(folder: Path, task: str = "embeddings", name: str = "tiny") -> Recipe:
-    return Recipe(
-        name=name,
-        task=task,
-        source=Source(path=str(folder)),
-        profile=Profile(batch=Range(1, 2, 4), sequence=Range(2, 16, 32)),
-        tolerances=Tolerances(max_abs=1e-4, min_cosine=0.9999),
+def tiny_recipe(folder: Path, task: str = "embeddings", name: str = "tiny", **sections) -> Recipe:
+    """A recipe for a tiny model folder: batch 1/2/4, sequence 2/16/32, the default gates; `sections` add more."""
+    data = {"name": name, "task": task, "source": {"path": str(folder)},
+            "profile": {"batch": [1, 2, 4], "sequence": [2, 16, 32]}, **sections}
+    return parse_recipe(data, f"tiny recipe {name}")
+
+
+def sample_release(spec: IOSpec, recipe_data: dict | None = None) -> Release:
+    """What a release's manifests share, for repository tests that publish hand-made models."""
+    gate = Gate("fp32", Gates().fp32)
+    level = LevelRecord("plain", True, True, "", gate, file="model.onnx")
+    record = BuildRecord(
+        recipe="tiny", weights_sha256="0" * 64, parity=(), optimize=OptimizeRecord("cpu", "plain", "test", (level,)),
+        tensorrt=EngineRecord("skipped", "not built"), graphs={}, cpu=CpuRecord("avx2", CPU_CLASSES, "fp32"),
     )
+    return Release.of(recipe_data or {"name": "tiny"}, "folder tiny", spec, record)

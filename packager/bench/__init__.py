@@ -21,11 +21,3 @@ All traffic stays on loopback (the launcher binds 127.0.0.1).
 
     python -m packager bench bert --shapes 1x128,8x128 --served-shapes 1x128 --concurrency 1,2,4,8
 """
-
-from packager.bench.cli import add_arguments, options_from_args, run
-from packager.bench.measure import benchmark, ensure_build
-from packager.bench.options import BenchOptions, Budget, LoadBudget, Shape
-from packager.bench.report import Report
-
-__all__ = ["BenchOptions", "Budget", "LoadBudget", "Report", "Shape", "add_arguments", "benchmark", "ensure_build",
-           "options_from_args", "run"]

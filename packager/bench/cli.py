@@ -8,12 +8,14 @@ import shlex
 import sys
 from pathlib import Path
 
-from packager.bench.measure import benchmark
+import packager.bench
 from packager.bench.options import BenchOptions, Budget, LoadBudget, Shape
 from packager.console import say
 from packager.errors import UsageError
 from packager.recipe import load_recipe
-from packager.triton import smoke
+from packager.triton import PROTOCOL_NAMES
+
+DESCRIPTION = packager.bench.__doc__.splitlines()[0]
 
 SERVING_LAUNCHERS = ("local", "docker")  # launchers that serve the repository the bench publishes (not `url`)
 
@@ -51,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                        "at its opt sequence, e.g. 1x128,8x128)")
     grid.add_argument("--served-shapes", help="served batch x sequence list (default: 1 x the opt sequence)")
     grid.add_argument("--concurrency", default="1,2,4,8", help="concurrent clients per served point (default 1,2,4,8)")
-    grid.add_argument("--protocols", default=",".join(smoke.PROTOCOLS), help="http,grpc (default: both)")
+    grid.add_argument("--protocols", default=",".join(PROTOCOL_NAMES), help="http,grpc (default: both)")
     grid.add_argument("--no-serve", action="store_true", help="in process only: no Triton server")
     grid.add_argument("--launcher", choices=SERVING_LAUNCHERS, default="local",
                       help="the Triton server: local (the nvidia-pytriton wheel's, python backend only) or docker "
@@ -86,6 +88,8 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
 
 def run(args: argparse.Namespace) -> int:
     """`packager bench`: measure, write reports/<model>/bench.{json,md,png}, print the tables."""
+    from packager.bench.measure import benchmark
+
     options = options_from_args(args)
     recipe = load_recipe(args.model, args.task)
     report = benchmark(recipe, options)

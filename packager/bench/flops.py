@@ -20,7 +20,7 @@ from packager import validate
 from packager.bench.options import Shape
 from packager.errors import PackagerError, first_line
 from packager.iospec import IOSpec
-from packager.tasks import BATCH, SEQUENCE
+from packager.iospec import BATCH, SEQUENCE
 
 PEAK_REPEATS = 5
 

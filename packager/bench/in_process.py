@@ -15,6 +15,7 @@ from packager import pipeline, validate
 from packager.bench.options import Budget
 from packager.bench.workload import Workload
 from packager.iospec import IOSpec
+from packager.record import LevelRecord
 from packager.validate import Inputs
 
 PYTORCH = "pytorch eager"
@@ -71,26 +72,25 @@ class InProcess:
     parity: str
 
 
-def graphs_of(build: pipeline.Build) -> list[Graph]:
+def graphs_of(build: pipeline.BuildFolder) -> list[Graph]:
     """Every level of the build that passed its gate."""
     graphs = []
-    for level in build.record["optimize"]["levels"]:
-        name = level["level"]
-        path = build.level_path(name)
-        if level["passed"] and path and path.exists():
-            graphs.append(Graph(name, path, describe_parity(level["parity"]), level["shipped"]))
+    for level in build.record.optimize.levels:
+        path = build.level_path(level.level)
+        if level.passed and path and path.exists():
+            graphs.append(Graph(level.level, path, describe_parity(level), level.shipped))
     return graphs
 
 
-def describe_parity(summary: dict | None) -> str:
-    """The worst task metric and the largest max |Δ| of a gate summary, e.g. 'cosine 0.9901, max|Δ| 0.39'."""
-    if not summary:
+def describe_parity(level: LevelRecord) -> str:
+    """The worst task metric and the largest max |Δ| of a level's gate, e.g. 'cosine 0.9901, max|Δ| 0.39'."""
+    if not level.parity:
         return "not gated"
-    outputs = summary["outputs"].values()
-    metric = next((o for o in outputs if o["metric_value"] is not None), None)
-    worst_abs = max(o["max_abs"] for o in outputs)
-    text = f"{metric['metric']} {metric['metric_value']:.4f}, " if metric else ""
-    return text + f"max|Δ| {worst_abs:.2g}" + ("" if summary["passed"] else " (fails its gate)")
+    outputs = level.parity.values()
+    metric = next((o for o in outputs if o.metric_value is not None), None)
+    worst_abs = max(o.max_abs for o in outputs)
+    text = f"{metric.metric} {metric.metric_value:.4f}, " if metric else ""
+    return text + f"max|Δ| {worst_abs:.2g}" + ("" if level.passed else " (fails its gate)")
 
 
 def interleaved(candidates: dict[str, Callable[[], object]], budget: Budget) -> dict[str, Timing]:

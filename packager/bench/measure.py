@@ -10,15 +10,16 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from packager import pipeline, source
+from packager import pipeline
 from packager.bench.flops import best_peaks, measure_peaks, model_flops
 from packager.bench.in_process import graphs_of, measure_in_process
 from packager.bench.options import BenchOptions
 from packager.bench.report import Report
-from packager.bench.served import measure_served, publish_build
+from packager.bench.served import measure_served
 from packager.bench.workload import make_workload
 from packager.console import say, step
 from packager.recipe import Recipe
+from packager.record import BUILD_FILE
 from packager.tasks import get_task
 
 
@@ -27,26 +28,27 @@ def benchmark(recipe: Recipe, options: BenchOptions = BenchOptions()) -> Report:
     shapes, served_shapes = options.grid(recipe)
     threads = options.threads or os.cpu_count() or 1
     build = ensure_build(recipe, options.build_root)
-    with step(f"load {recipe.name} for PyTorch and make the inputs ({', '.join(f'{b}x{s}' for b, s in shapes)})"):
-        loaded = source.load(recipe)
+    loaded = build.model()
+    with step(f"PyTorch and the inputs ({', '.join(f'{b}x{s}' for b, s in shapes)})"):
         wrapper = get_task(recipe.task).wrapper(loaded.model, build.spec.input_names).eval()
         workloads = {shape: make_workload(loaded.tokenizer, build.spec, *shape) for shape in shapes}
     peak_step = f"peak of this machine ({options.peak_size}² matrix products, {threads} threads)"
     with step(peak_step):
         peaks = measure_peaks(threads, options.peak_size)
     with step("FLOPs per inference from the ONNX graph"):
-        flops = model_flops(build.exported_path, build.spec, shapes)
+        flops = model_flops(build.level_path("plain"), build.spec, shapes)
     graphs = graphs_of(build)
     with step(f"in process: PyTorch eager and ONNX Runtime {', '.join(g.level for g in graphs)} "
               f"({options.budget.passes} interleaved passes per shape)"):
         in_process = measure_in_process(wrapper, build.spec, graphs, list(workloads.values()), options.budget, threads)
     served = None
     if options.serve:
-        shipped = build.record["optimize"]["shipped"]
+        shipped = build.record.optimize.shipped
         with tempfile.TemporaryDirectory(prefix="bench-repository.") as folder, \
                 step(f"served: {options.launcher} Triton, {', '.join(options.protocols)}, clients "
                      f"{', '.join(map(str, options.concurrency))}, dynamic batching on and off"):
-            root = publish_build(build, loaded.tokenizer, Path(folder) / "model_repository")
+            root = Path(folder) / "model_repository"
+            pipeline.stage_release(build, loaded).publish(root, version=1)
             served = measure_served(root, [workloads[shape] for shape in served_shapes], options, shipped)
     with step(f"{peak_step}, again"):
         peaks = best_peaks(peaks, measure_peaks(threads, options.peak_size))
@@ -60,11 +62,11 @@ def benchmark(recipe: Recipe, options: BenchOptions = BenchOptions()) -> Report:
                   _machine(threads), peaks, flops, in_process, served, str(build.folder))
 
 
-def ensure_build(recipe: Recipe, build_root: Path) -> pipeline.Build:
+def ensure_build(recipe: Recipe, build_root: Path) -> pipeline.BuildFolder:
     """The build folder of the recipe, built first (as `packager package` builds it) when there is none."""
-    if (build_root / recipe.name / pipeline.BUILD_FILE).exists():
+    if (build_root / recipe.name / BUILD_FILE).exists():
         say(f"==> using the build in {build_root / recipe.name}")
-        return pipeline.Build.read(recipe, build_root)
+        return pipeline.BuildFolder.read(recipe, build_root)
     say(f"==> no build of {recipe.name} in {build_root}: building it first")
     return pipeline.build(recipe, pipeline.BuildOptions(build_root=build_root))
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from packager.errors import UsageError
 from packager.recipe import Recipe
-from packager.triton import smoke
+from packager.triton import PROTOCOL_NAMES
 
 Shape = tuple[int, int]  # batch, sequence
 
@@ -52,7 +52,7 @@ class BenchOptions:
     shapes: tuple[Shape, ...] | None = None  # in process; default: (1, opt sequence) and (opt batch, opt sequence)
     served_shapes: tuple[Shape, ...] | None = None  # default: (1, opt sequence); also measured in process
     concurrency: tuple[int, ...] = (1, 2, 4, 8)
-    protocols: tuple[str, ...] = tuple(smoke.PROTOCOLS)
+    protocols: tuple[str, ...] = tuple(PROTOCOL_NAMES)
     budget: Budget = Budget()
     load: LoadBudget = LoadBudget()
     threads: int | None = None  # PyTorch and ONNX Runtime threads; default: all cores
@@ -64,9 +64,9 @@ class BenchOptions:
     def __post_init__(self):
         if not self.concurrency or min(self.concurrency) < 1:
             raise UsageError(f"--concurrency needs client counts >= 1; got {list(self.concurrency)}")
-        unknown = [name for name in self.protocols if name not in smoke.PROTOCOLS]
+        unknown = [name for name in self.protocols if name not in PROTOCOL_NAMES]
         if unknown or not self.protocols:
-            raise UsageError(f"--protocols must be among {', '.join(smoke.PROTOCOLS)}; got {list(self.protocols)}")
+            raise UsageError(f"--protocols must be among {', '.join(PROTOCOL_NAMES)}; got {list(self.protocols)}")
 
     def grid(self, recipe: Recipe) -> tuple[list[Shape], list[Shape]]:
         """(in-process shapes, served shapes); served shapes are measured in process too (their PyTorch baseline)."""

@@ -18,7 +18,6 @@ import numpy as np
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from packager import pipeline, render, repository
 from packager.bench.in_process import Latency, Timing
 from packager.bench.options import BenchOptions, LoadBudget
 from packager.bench.workload import Workload
@@ -113,16 +112,6 @@ def endpoints_of(models: Sequence[smoke.Model]) -> list[Endpoint]:
     """Every loaded ensemble and model that takes requests (the tokenizer is measured as an ensemble's step)."""
     ends = [Endpoint(model, tuple(model.steps)) for model in models if model.role is smoke.Role.ENSEMBLE]
     return ends + [Endpoint(model, (model.name,)) for model in models if model.role is smoke.Role.MODEL]
-
-
-def publish_build(build: pipeline.Build, tokenizer, folder: Path) -> Path:
-    """The build's Triton models (the shipped graph; no TensorRT plan) rendered and published as version 1."""
-    recipe = build.recipe
-    serving = render.ServingConfig.from_recipe(recipe)
-    models = render.render_repository(recipe, build.spec, serving, render.Artifacts(build.shipped_path, tokenizer))
-    manifest = repository.build_manifest(recipe, build.spec, build.record["weights_sha256"], build.record["parity"])
-    repository.publish(folder, models, manifest, version=1)
-    return folder
 
 
 def measure_served(repository_root: Path, workloads: Sequence[Workload], options: BenchOptions,

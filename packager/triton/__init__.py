@@ -1,1 +1,4 @@
-"""Run a Triton Inference Server for smoke tests: start, wait for readiness, load models, stop."""
+"""Triton Inference Server: start and stop one (server), and check a served repository (smoke)."""
+
+LAUNCHER_NAMES = ("local", "docker", "url")  # packager.triton.server.LAUNCHERS
+PROTOCOL_NAMES = ("http", "grpc")  # packager.triton.smoke.PROTOCOLS

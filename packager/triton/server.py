@@ -31,6 +31,7 @@ from tritonclient.http import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
 from packager.errors import PackagerError, UsageError
+from packager.triton import LAUNCHER_NAMES
 
 DOCKER_IMAGE_ENV = "TRITON_DOCKER_IMAGE"
 # The NGC release line of the tritonserver (2.51.0) in nvidia-pytriton 0.7.
@@ -218,6 +219,7 @@ class UrlLauncher:
 
 
 LAUNCHERS: dict[str, type[Launcher]] = {"local": LocalLauncher, "docker": DockerLauncher, "url": UrlLauncher}
+assert tuple(LAUNCHERS) == LAUNCHER_NAMES
 
 
 @contextmanager

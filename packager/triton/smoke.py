@@ -1,16 +1,17 @@
 """Live smoke test: serve a model repository from a real Triton server and check every model it can load.
 
 Over HTTP and over gRPC (tritonclient): server and model readiness; metadata and config against the IO spec;
-real text through every ensemble and token tensors through every model, compared with PyTorch within the recipe's
-tolerances; the tokenizer model against the Hugging Face tokenizer; concurrent requests, which the dynamic batcher
-joins, against the same requests sent one by one; bad requests, which must get Triton's errors while the server
-stays healthy. A model whose backend the server lacks is reported as not loadable, never passed in silence.
+real text through every ensemble and token tensors through every model, compared with PyTorch within the gate the
+model's graph passed (its manifest names it); the tokenizer model against the Hugging Face tokenizer; concurrent
+requests, which the dynamic batcher joins, against the same requests sent one by one (within the gate's
+max_invariance) and against PyTorch; bad requests, which must get Triton's errors while the server stays healthy.
+A model whose backend the server lacks is reported as not loadable, never passed in silence; a graph gated for
+other CPU classes than this machine's fails.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -32,10 +33,13 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 from packager import source, validate
 from packager.console import table
 from packager.errors import GateFailed, PackagerError, UsageError
-from packager.iospec import IOSpec
+from packager.cpu import cpu_class
+from packager.iospec import BATCH, IOSpec
 from packager.recipe import Profile, Recipe, Tolerances
-from packager.repository import CONFIG_FILE, MANIFEST_FILE, versions
-from packager.tasks import BATCH, Task, get_task
+from packager.record import MANIFEST_FILE, Manifest
+from packager.repository import CONFIG_FILE, versions
+from packager.tasks import Task, get_task
+from packager.triton import PROTOCOL_NAMES
 from packager.triton.server import (
     LoadResult,
     TritonServer,
@@ -57,7 +61,7 @@ DETAIL_WIDTH = 110  # characters of a row's detail in the summary table
 MISSING_BACKEND = re.compile(r"unable to find backend library for backend '([^']+)'")
 LONG_TEXT = max(validate.VALIDATION_TEXTS, key=len)
 NON_ASCII_TEXTS = tuple(text for text in validate.VALIDATION_TEXTS if not text.isascii())
-LOAD, END_TO_END = "load", "text end to end"  # checks that are not per protocol
+LOAD, END_TO_END, CPU_CLASS = "load", "text end to end", "cpu class"  # checks that are not per protocol
 
 
 class Status(Enum):
@@ -131,16 +135,14 @@ class Reference:
     tokenizer: PreTrainedTokenizerBase
     runner: validate.Runner
     profile: Profile
-    tolerances: Tolerances
     _answers: dict[tuple[str, ...], Outputs] = field(default_factory=dict, init=False, repr=False)
 
     @classmethod
-    def for_recipe(cls, recipe: Recipe, spec: IOSpec, loaded: source.LoadedModel | None = None) -> "Reference":
-        """The task wrapper of the recipe's model run by PyTorch; loads the model unless `loaded` is given."""
-        loaded = loaded or source.load(recipe)
+    def of(cls, recipe: Recipe, spec: IOSpec, loaded: source.LoadedModel) -> "Reference":
+        """The task wrapper of the loaded model run by PyTorch."""
         task = get_task(recipe.task)
         runner = validate.torch_runner(task.wrapper(loaded.model, spec.input_names).eval(), spec)
-        return cls(task, spec, loaded.tokenizer, runner, recipe.profile, recipe.tolerances)
+        return cls(task, spec, loaded.tokenizer, runner, recipe.profile)
 
     def tokenize(self, texts: Sequence[str]) -> ValidationBatch:
         sequence = self.profile.sequence
@@ -154,12 +156,10 @@ class Reference:
             self._answers[key] = self.runner(self.tokenize(texts).inputs)
         return self._answers[key]
 
-    def compare(self, batch: ValidationBatch, expected: Outputs, served: Outputs) -> tuple[bool, str]:
+    def compare(self, batch: ValidationBatch, expected: Outputs, served: Outputs, tolerances: Tolerances) -> tuple[bool, str]:
         """Every output within tolerance (validate.compare_output); the detail names the worst difference."""
         rows = [
-            validate.compare_output(
-                "served", self.task, self.spec, name, batch, expected[name], served[name], self.tolerances
-            )
+            validate.compare_output("served", self.task, self.spec, name, batch, expected[name], served[name], tolerances)
             for name in self.spec.output_names
             if name in served
         ]
@@ -168,6 +168,15 @@ class Reference:
             return False, "; ".join(failed)
         metric = next((f", {row.metric} {row.metric_value:.6f}" for row in rows if row.metric), "")
         return True, f"max |Δ| {max(row.max_abs for row in rows):.2g}{metric}"
+
+    def invariant(self, batch: ValidationBatch, alone: Outputs, together: Outputs, tolerance: float) -> tuple[bool, str]:
+        """A request's answer sent alone against the same request joined with others: equal within `tolerance`."""
+        differences = {name: validate.batch_difference(self.spec, name, batch, alone[name], together[name], 0)
+                       for name in self.spec.output_names if name in alone}
+        name, worst = max(differences.items(), key=lambda item: item[1])
+        if not worst <= tolerance:
+            return False, f"{name}: alone vs joined max |Δ| {worst:.3g} > {tolerance:g}"
+        return True, f"alone vs joined max |Δ| {worst:.2g}"
 
 
 # ---- the repository on disk ----------------------------------------------------------------------------------
@@ -187,6 +196,13 @@ class Model:
     folder: Path
     config: model_config_pb2.ModelConfig
     backend: str | None  # None for an ensemble
+    manifest: Manifest | None = None  # of the version Triton serves (None when it has none)
+
+    @property
+    def gate(self) -> Tolerances | None:
+        """The gate its served graph passed, from its manifest."""
+        gate = self.manifest.gate if self.manifest else None
+        return gate.tolerances if gate else None
 
     @property
     def role(self) -> Role:
@@ -252,13 +268,12 @@ def published_models(repository: Path | str, recipe_name: str) -> tuple[list[str
     names, spec = [], None
     for folder in sorted(Path(repository).glob(f"*/{CONFIG_FILE}")):
         newest = max(versions(folder.parent), default=None)
-        manifest_path = folder.parent / str(newest) / MANIFEST_FILE
-        if newest is None or not manifest_path.exists():
+        if newest is None or not (folder.parent / str(newest) / MANIFEST_FILE).exists():
             continue
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("recipe", {}).get("name") == recipe_name:
+        manifest = Manifest.read(folder.parent / str(newest))
+        if manifest.release.build.recipe == recipe_name:
             names.append(folder.parent.name)
-            spec = IOSpec.from_dict(manifest["iospec"])
+            spec = manifest.release.iospec
     if spec is None:
         raise UsageError(f"no model of recipe '{recipe_name}' in {repository}: package it first")
     return names, spec
@@ -272,7 +287,11 @@ def _read_model(folder: Path) -> Model:
         config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
     except text_format.ParseError as error:
         raise PackagerError(f"{path}: not a valid model config: {error}") from None
-    return Model(folder.name, folder, config, required_backend(path))
+    model = Model(folder.name, folder, config, required_backend(path))
+    version = model.version
+    if version is not None and (folder / str(version) / MANIFEST_FILE).exists():
+        model = dataclasses.replace(model, manifest=Manifest.read(folder / str(version)))
+    return model
 
 
 def _missing_backend(model: Model, models: dict[str, Model], backends: frozenset[str] | None) -> str | None:
@@ -422,6 +441,7 @@ PROTOCOLS: dict[str, Protocol] = {
         lambda url: grpcclient.InferenceServerClient(url),
     ),
 }  # fmt: skip
+assert tuple(PROTOCOLS) == PROTOCOL_NAMES
 
 
 @contextmanager
@@ -455,6 +475,8 @@ def smoke(
         found, rows = load_servable(server, repository, models, available_backends(launcher))
         served = [found[row.model] for row in rows if row.check == LOAD and row.status is Status.PASS]
         rows.append(_end_to_end_row(served))
+        if launcher != "url":  # a local or docker server computes on this machine
+            rows += _cpu_rows(served)
         for name in protocols:
             rows += _check_protocol(PROTOCOLS[name], server, served, reference)
         failed = any(not row.passed for row in rows)
@@ -497,6 +519,20 @@ def _end_to_end_row(served: list[Model]) -> SmokeRow:
     return SmokeRow(END_TO_END, "-", "-", Status.FAIL, "no ensemble could be served: nothing takes text end to end")
 
 
+def _cpu_rows(served: list[Model]) -> list[SmokeRow]:
+    """Every served graph was gated for this machine's CPU class (int8 numbers can differ per class)."""
+    here, rows = cpu_class(), []
+    for model in served:
+        if model.manifest is None or model.gate is None:
+            continue
+        cpu = model.manifest.release.build.cpu
+        passed = here in cpu.valid_for
+        detail = (f"this machine is {here}; the graph holds its gate on {', '.join(cpu.valid_for)} "
+                  f"(gated on {cpu.gated_on})")
+        rows.append(SmokeRow(CPU_CLASS, "-", model.name, Status.PASS if passed else Status.FAIL, detail))
+    return rows
+
+
 def _check_protocol(
     protocol: Protocol, server: TritonServer, served: list[Model], reference: Reference
 ) -> list[SmokeRow]:
@@ -514,6 +550,13 @@ def _check_protocol(
             run.unknown_model(takes_requests),
             *(run.attempt("healthy after bad requests", m.name, run.healthy, m) for m in takes_requests),
         ]
+
+
+def _gate(model: Model) -> Tolerances:
+    """The gate a model's answers are checked with: the one its manifest names."""
+    if model.gate is None:
+        raise PackagerError(f"{model.name} has no manifest naming the gate its graph passed: publish it with packager")
+    return model.gate
 
 
 def _text_cases(max_batch_size: int) -> dict[str, tuple[str, ...]]:
@@ -544,7 +587,7 @@ class _Checks:
         """Run one check; an error from Triton or the connection fails the check, not the run."""
         try:
             passed, detail = function(*args)
-        except (InferenceServerException, OSError, threading.BrokenBarrierError) as error:
+        except (InferenceServerException, OSError, threading.BrokenBarrierError, PackagerError) as error:
             passed, detail = False, _error_text(error)
         return SmokeRow(check, self.client.protocol.name, model, Status.PASS if passed else Status.FAIL, detail)
 
@@ -613,7 +656,7 @@ class _Checks:
     def answer(self, model: Model, texts: Sequence[str]) -> tuple[bool, str]:
         batch = self.reference.tokenize(texts)
         served = self.client.infer(model.name, self._inputs(model, batch), model.output_names)
-        return self.reference.compare(batch, self.reference.answer(texts), served)
+        return self.reference.compare(batch, self.reference.answer(texts), served, _gate(model))
 
     def tokens(self, model: Model, cases: dict[str, tuple[str, ...]]) -> tuple[bool, str]:
         for case, texts in cases.items():
@@ -640,7 +683,10 @@ class _Checks:
             before = self.client.batch_counts(joined_model.name) if joined_model else {}
             together = _infer_at_once(self.client, model.name, requests, model.output_names)
             for batch, one, many in zip(batches, alone, together):
-                passed, detail = self.reference.compare(batch, one, many)
+                passed, detail = self.reference.invariant(batch, one, many, _gate(model).max_invariance)
+                if passed:
+                    passed, detail = self.reference.compare(batch, self.reference.answer(batch.texts), many,
+                                                            _gate(model))
                 if not passed:
                     return False, f"{batch.texts[0][:40]!r}: {detail}"
             if joined_model is None:
