@@ -138,7 +138,7 @@ def build(recipe: Recipe, options: BuildOptions, loaded: source.LoadedModel | No
             reference = validate.torch_runner(exported.wrapper, exported.spec)
             invariance = validate.invariance_layouts(loaded.tokenizer, exported.spec, recipe.profile)
             validator = validate.Validator(task, exported.spec, batches, reference, recipe.gates.fp32, invariance)
-            exported_report = validate.require(
+            exported_report = validate.require_parity(
                 validator.check("onnx", validate.onnxruntime_runner(exported.path, exported.spec)))
         with step(f"optimize for {device} (levels {', '.join(recipe.optimize.levels(device))})"):
             optimized = optimize.optimize(loaded, task, exported, validator, recipe, device, staging / "levels",
@@ -201,7 +201,7 @@ def _engine(exported: export.Exported, recipe: Recipe, validator: validate.Valid
     if engine.status == "deployable":
         gate = Gate(*recipe.gates.for_engine(recipe.tensorrt.precision))
         runner = tensorrt.engine_runner(engine.engine_path, exported.spec)
-        report = validate.require(validator.check("tensorrt", runner, gate.tolerances))
+        report = validate.require_parity(validator.check("tensorrt", runner, gate.tolerances))
         validate.require_invariant(validator.check_invariance("tensorrt", runner, gate.tolerances))
         shutil.move(engine.engine_path, staging / PLAN_FILE)
         plan = Plan(PLAN_FILE, recipe.engine_max_batch_size, engine.profiles)

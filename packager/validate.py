@@ -342,7 +342,7 @@ def batch_difference(spec: IOSpec, name: str, alone: ValidationBatch, answer: np
     return float(np.abs(mine.astype(np.float64) - answer).max(initial=0.0))
 
 
-def require(report: ParityReport) -> ParityReport:
+def require_parity(report: ParityReport) -> ParityReport:
     """The gate: return the report when it passed, else raise naming the worst case."""
     if report.passed:
         return report

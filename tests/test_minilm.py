@@ -55,4 +55,4 @@ def test_a_perturbed_minilm_graph_fails_the_gate(packaged, tmp_path):
                                    recipe.gates.fp32)
     perturb_largest_weight(packaged.level_path("plain"), tmp_path / "bad.onnx", scale=0.2)
     with pytest.raises(GateFailed, match="parity gate failed for perturbed"):
-        validate.require(validator.check("perturbed", validate.onnxruntime_runner(tmp_path / "bad.onnx", packaged.spec)))
+        validate.require_parity(validator.check("perturbed", validate.onnxruntime_runner(tmp_path / "bad.onnx", packaged.spec)))

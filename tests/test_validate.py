@@ -46,7 +46,7 @@ def test_batches_cover_the_profile_grid_with_real_padded_text(setup):
 
 def test_the_exported_graph_passes_the_gate(setup):
     _, _, exported, validator, _ = setup
-    report = validate.require(validator.check("onnx", validate.onnxruntime_runner(exported.path, exported.spec)))
+    report = validate.require_parity(validator.check("onnx", validate.onnxruntime_runner(exported.path, exported.spec)))
     assert report.passed and len(report.rows) == len(validator.batches) * len(exported.spec.outputs)
     metric_rows = [r for r in report.rows if r.metric]
     assert metric_rows and all(r.metric_value >= 0.9999 for r in metric_rows)
@@ -58,7 +58,7 @@ def test_a_perturbed_weight_fails_the_gate_naming_the_worst_case(setup):
     report = validator.check("bad", validate.onnxruntime_runner(folder / "bad.onnx", exported.spec))
     assert not report.passed
     with pytest.raises(GateFailed, match=r"parity gate failed for bad: output '\w+' at batch x sequence \d+x\d+: max"):
-        validate.require(report)
+        validate.require_parity(report)
 
 
 def test_padding_differences_are_not_counted(setup):
