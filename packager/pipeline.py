@@ -160,6 +160,7 @@ def build(recipe: Recipe, options: BuildOptions, loaded: source.LoadedModel | No
             graphs={str(path.relative_to(staging)): sha256(path)
                     for path in sorted(staging.rglob("*")) if path.suffix in (".onnx", ".plan")},
             cpu=_cpu_record(optimized.chosen),
+            engine_stats=engine.stats,
         )
         record.write(staging)
         folder = _commit(staging, options.build_root / recipe.name)
@@ -205,7 +206,7 @@ def _engine(exported: export.Exported, recipe: Recipe, validator: validate.Valid
         validate.require_invariant(validator.check_invariance("tensorrt", runner, gate.tolerances))
         shutil.move(engine.engine_path, staging / PLAN_FILE)
         plan = Plan(PLAN_FILE, recipe.engine_max_batch_size, engine.profiles)
-        return engine, EngineRecord(engine.status, engine.message, engine.facts, engine.stats, plan, gate), report
+        return engine, EngineRecord(engine.status, engine.message, engine.facts, plan, gate), report
     if tensorrt.docker_available():
         final = options.build_root.resolve() / recipe.name  # where the graph is once the build folder is committed
         needs_fp16 = tensorrt.build_mode(recipe.tensorrt, tensorrt.BACKENDS["tensorrt"]).fp16_graph
@@ -215,7 +216,7 @@ def _engine(exported: export.Exported, recipe: Recipe, validator: validate.Valid
         command = tensorrt.trtexec_command(graph, final / PLAN_FILE, exported.spec, recipe,
                                            options.build_root.resolve() / ".cache" / "trtexec.timing-cache")
         say(f"    a deployable plan can be built in the release's container: {shlex.join(command)}")
-    return engine, EngineRecord(engine.status, engine.message, engine.facts, engine.stats), None
+    return engine, EngineRecord(engine.status, engine.message, engine.facts), None
 
 
 def stage_release(built: BuildFolder, loaded: source.LoadedModel) -> StagedRelease:

@@ -97,7 +97,6 @@ class EngineRecord:
     status: EngineStatus
     message: str
     facts: EngineFacts | None = None
-    stats: EngineStats | None = None
     plan: Plan | None = None
     gate: Gate | None = None  # the gate a deployable plan passed
 
@@ -151,6 +150,7 @@ class BuildRecord:
     tensorrt: EngineRecord
     graphs: dict[str, str]  # file in the build folder -> SHA-256
     cpu: CpuRecord
+    engine_stats: EngineStats | None = None  # how the engine build went: kept here, never in a manifest
     schema: int = SCHEMA_VERSION
 
     @property
@@ -180,7 +180,9 @@ class Release:
 
     @classmethod
     def of(cls, recipe_data: dict, source: str, iospec: IOSpec, build: BuildRecord) -> "Release":
-        return cls(recipe_data, source, build.weights_sha256, iospec, build, package_versions(), lock_digest(),
+        """The shared facts of a release of `build`: the same inputs give the same facts, but for `created`."""
+        reproducible = dataclasses.replace(build, engine_stats=None)
+        return cls(recipe_data, source, build.weights_sha256, iospec, reproducible, package_versions(), lock_digest(),
                    now())
 
 
