@@ -105,12 +105,14 @@ class Source:
     package: str = ""
     path: str = ""
     hub: str = ""
+    allow_pickled_weights: bool = False  # *.bin / *.pt weights run code when unpickled: refused unless true
 
     def __post_init__(self):
         given = [name for name in ("package", "path", "hub") if getattr(self, name)]
         _check(len(given) == 1, f"needs exactly one of package, path, hub; got {given or 'none'}")
 
     def describe(self) -> str:
+        """Where it comes from, for people: 'package X', 'folder X' or 'hub X'."""
         if self.package:
             return f"package {self.package}"
         if self.path:

@@ -1,4 +1,9 @@
-"""Where weights and tokenizer come from (embedded package, local folder, hub id), and loading them."""
+"""Where weights and tokenizer come from (embedded package, local folder, hub id), and loading them.
+
+A model folder is data, never code: no load trusts remote code, a folder whose config or tokenizer config names
+classes outside transformers is refused before anything is loaded, and pickled weights (which run code when
+unpickled) are refused unless the recipe opts in with [source] allow_pickled_weights = true.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from packager.errors import PackagerError, UsageError, first_line
@@ -18,6 +24,7 @@ from packager.tasks import get_task
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model", "vocab.json")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 
 @dataclass
@@ -61,19 +68,55 @@ def weights_digest(folder: Path) -> str:
     return digest.hexdigest()
 
 
+def check_runs_no_code(folder: Path, allow_pickled_weights: bool = False) -> None:
+    """Refuse a folder that would make transformers run its own code, or unpickle its weights (unless allowed)."""
+    for name, class_key in (("config.json", "architectures"), ("tokenizer_config.json", "tokenizer_class")):
+        data = _json_object(folder / name)
+        if "auto_map" in data:
+            raise PackagerError(f"{folder / name} has 'auto_map': the model needs its own Python code, which the "
+                                "packager never runs")
+        classes = data.get(class_key) or []
+        for value in classes if isinstance(classes, list) else [classes]:
+            if not isinstance(value, str) or not hasattr(transformers, value):
+                raise PackagerError(f"{folder / name}: '{class_key}' names {value!r}, which is not a transformers "
+                                    "class: the packager runs no code from a model folder")
+    if not any(folder.glob("*.safetensors")):
+        pickled = sorted(path.name for pattern in PICKLED_WEIGHTS for path in folder.glob(pattern))
+        if pickled and not allow_pickled_weights:
+            raise PackagerError(f"{folder} has only pickled weights ({', '.join(pickled)}), which can run code when "
+                                "loaded: convert them to safetensors, or set [source] allow_pickled_weights = true")
+
+
+def _json_object(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PackagerError(f"{path} is not valid JSON: {first_line(exc)}") from None
+    if not isinstance(data, dict):
+        raise PackagerError(f"{path} is not a JSON object")
+    return data
+
+
 def load(recipe: Recipe) -> LoadedModel:
     """Load tokenizer and model (eval mode, eager attention so the exported graph fuses)."""
     folder = resolve_folder(recipe.source)
     if not any((folder / name).exists() for name in TOKENIZER_FILES):
         raise PackagerError(f"{folder} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)})")
+    check_runs_no_code(folder, recipe.source.allow_pickled_weights)
     digest = weights_digest(folder)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False, local_files_only=True)
     except Exception as exc:
         raise PackagerError(f"cannot load the tokenizer from {folder}: {first_line(exc)}") from None
     task = get_task(recipe.task)
+    transformers.utils.logging.disable_progress_bar()  # the step's own line says what is loading
     try:
-        model = task.auto_class.from_pretrained(folder, attn_implementation="eager", dtype=torch.float32)
+        model = task.auto_class.from_pretrained(
+            folder, attn_implementation="eager", dtype=torch.float32, trust_remote_code=False, local_files_only=True,
+            use_safetensors=None if recipe.source.allow_pickled_weights else True,
+        )
     except Exception as exc:
         raise PackagerError(f"cannot load weights from {folder}: {first_line(exc)}") from None
     model.eval()
@@ -81,6 +124,6 @@ def load(recipe: Recipe) -> LoadedModel:
     if positions and recipe.profile.sequence.max > positions:
         raise UsageError(f"profile sequence max {recipe.profile.sequence.max} exceeds the {positions} positions of "
                          f"the model in {folder}: lower it (--sequence)")
-    sbert = folder / "sentence_bert_config.json"
-    max_seq_length = json.loads(sbert.read_text()).get("max_seq_length") if sbert.exists() else None
+    sbert = _json_object(folder / "sentence_bert_config.json")
+    max_seq_length = sbert.get("max_seq_length") if isinstance(sbert.get("max_seq_length"), int) else None
     return LoadedModel(folder, model, tokenizer, digest, max_seq_length)
