@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 
 from packager.console import error, say, table
-from packager.errors import PackagerError
+from packager.errors import PackagerError, first_line
 from packager.recipe import DEVICES, PRECISIONS, TARGETS, TRITON_TENSORRT, Range, Recipe, known_recipes, load_recipe
 from packager.triton import LAUNCHER_NAMES
 
@@ -163,10 +165,18 @@ def _release_arguments(parser: argparse.ArgumentParser) -> None:
     _server_arguments(parser)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors are one line too (argparse prints the usage first), and exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="packager",
         description="Turn a PyTorch / Hugging Face model into a tested Triton Inference Server model repository.",
+        epilog="--debug (any position) or PACKAGER_DEBUG=1: show tracebacks instead of one-line errors.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     build_dir = os.environ.get("PACKAGER_BUILD_DIR", "build")
@@ -209,16 +219,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command: every failure is one `error:` line and an exit code (2 bad input, 3 a gate, 1 the rest,
+    130 Ctrl-C). An unexpected exception's traceback goes to a log file named in that line; --debug (or
+    PACKAGER_DEBUG=1) shows it instead."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("PACKAGER_DEBUG") == "1"
+    argv = [arg for arg in argv if arg != "--debug"]
     try:
         args = build_parser().parse_args(argv)
         return args.run(args)
     except PackagerError as exc:
-        error(str(exc))
+        if debug:
+            raise
+        headline, _, details = str(exc).partition("\n")
+        error(headline + (f" (details in {_write_log(details)})" if details.strip() else ""))
         return exc.exit_code
     except KeyboardInterrupt:
         error("interrupted")
         return 130
+    except Exception as exc:  # a bug or an unforeseen library failure: one line here, the traceback in a log
+        if debug:
+            raise
+        error(f"unexpected {type(exc).__name__}: {first_line(exc)} (traceback in {_write_log(traceback.format_exc())}; "
+              "--debug shows it)")
+        return 1
+
+
+def _write_log(text: str) -> Path:
+    """Keep what does not fit in one line in a log file; return its path."""
+    folder = Path(tempfile.gettempdir()) / "packager"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"error-{os.getpid()}.log"
+    path.write_text(text)
+    return path
 
 
 if __name__ == "__main__":

@@ -155,3 +155,43 @@ def test_url_launcher_publishes_then_smokes_the_running_server(capsys, tmp_path,
     assert code == 0, out
     assert out.index("published version 1") < out.index("Live smoke checks")
     assert "text → PyTorch" in out and "FAIL" not in out
+
+
+def test_an_unexpected_exception_is_one_line_with_its_traceback_in_a_log(capsys, monkeypatch):
+    from packager import cli
+
+    def broken(args):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(cli, "cmd_list", broken)
+    code, _, err = run_cli(capsys, "list")
+    assert code == 1
+    assert_one_line_error(err, "unexpected ZeroDivisionError: division by zero", "traceback in")
+    log = err.split("traceback in ")[1].split(";")[0]
+    assert "Traceback" in open(log).read()
+    with pytest.raises(ZeroDivisionError):
+        main(["list", "--debug"])
+
+
+def test_a_multi_line_error_is_its_first_line_and_a_log(capsys, monkeypatch):
+    from packager import cli
+    from packager.errors import PackagerError
+
+    def failing(args):
+        raise PackagerError("the build failed: parser error\nbuilder errors:\nline 1\nline 2")
+
+    monkeypatch.setattr(cli, "cmd_list", failing)
+    code, _, err = run_cli(capsys, "list")
+    assert code == 1
+    assert_one_line_error(err, "the build failed: parser error (details in")
+    assert "line 2" in open(err.split("details in ")[1].rstrip(")\n")).read()
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["list"], ["package", "no-such-model"], ["package", "--batch"]])
+def test_quick_paths_import_no_heavy_library(argv):
+    """--help, list, an unknown model and an argument error answer without torch, transformers, ORT or TensorRT."""
+    code = (f"import sys\nfrom packager.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'onnxruntime', 'tensorrt', 'tensorrt_rtx') "
+            "if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout + result.stderr
