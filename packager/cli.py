@@ -85,9 +85,11 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     recipe = _recipe(args)
     from packager import source
     from packager.triton import smoke
+    from packager.triton.discovery import published_models
+    from packager.triton.reference import Reference
 
-    names, spec = smoke.published_models(args.repository, recipe.name)
-    reference = smoke.Reference.of(recipe, spec, source.load(recipe))
+    names, spec = published_models(args.repository, recipe.name)
+    reference = Reference.of(recipe, spec, source.load(recipe))
     result = smoke.smoke(args.repository, reference, args.launcher, models=names, **_launcher_options(args))
     say(result.summary())
     smoke.require(result)

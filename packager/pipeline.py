@@ -30,6 +30,7 @@ from packager.record import (
 )
 from packager.tasks import get_task
 from packager.triton import smoke
+from packager.triton.reference import Reference
 
 EXPORTED_FILE, SPEC_FILE, SHIPPED_FILE, PLAN_FILE = "model.onnx", "iospec.json", "model.shipped.onnx", "model.plan"
 FP16_ENGINE_GRAPH = "tensorrt/model.fp16.onnx"  # the graph fp16 engines are built from (see tensorrt.build_mode)
@@ -254,7 +255,7 @@ def _smoke(built: BuildFolder, staged: StagedRelease, loaded: source.LoadedModel
         shutil.rmtree(where, ignore_errors=True)
         staged.publish(where, version=1)
     with step(f"live smoke on {options.launcher} Triton ({where})"):
-        reference = smoke.Reference.of(built.recipe, built.spec, loaded)
+        reference = Reference.of(built.recipe, built.spec, loaded)
         result = smoke.smoke(where, reference, options.launcher, models=staged.names, **options.launcher_options)
     say("\n" + result.summary() + "\n")
     if not result.passed:

@@ -17,7 +17,9 @@ from packager import pipeline
 from packager.iospec import IOSpec
 from packager.recipe import Recipe
 from packager.triton.server import TritonServer, available_backends, serve
-from packager.triton.smoke import Reference, SmokeRow, load_servable
+from packager.triton.discovery import load_servable
+from packager.triton.reference import Reference
+from packager.triton.rows import SmokeRow
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,10 @@ pytest.importorskip("pytriton", reason="the local launcher needs nvidia-pytriton
 from packager import source
 from packager.errors import GateFailed, UsageError
 from packager.iospec import IOSpec
-from packager.triton.smoke import Reference, Status, discover, published_models, require, smoke
+from packager.triton.discovery import discover, published_models
+from packager.triton.reference import Reference
+from packager.triton.rows import CheckStatus
+from packager.triton.smoke import require, smoke
 from tests.live_server import live_classifier, live_embeddings, live_loaded, live_repository, live_server  # noqa: F401
 from tests.tiny_model import tiny_recipe, write_tiny_bert
 
@@ -79,10 +82,11 @@ def test_models_without_their_backend_are_reported_not_passed(embeddings_smoke, 
 def test_loading_serves_what_the_server_has_a_backend_for(live_loaded, live_embeddings, live_classifier):
     for published in (live_embeddings, live_classifier):
         ensemble, tokenizer = published.named("_python"), published.named("_tokenizer")
-        assert live_loaded[ensemble].status is Status.PASS and live_loaded[ensemble].detail.startswith("loaded in")
+        assert live_loaded[ensemble].status is CheckStatus.PASS and live_loaded[ensemble].detail.startswith("loaded in")
         assert live_loaded[tokenizer].detail == f"loaded as a step of {ensemble}"
         for name in (published.named("_onnx"), published.named("")):
-            assert live_loaded[name].status is Status.SKIP and "backend onnxruntime missing" in live_loaded[name].detail
+            row = live_loaded[name]
+            assert row.status is CheckStatus.SKIP and "backend onnxruntime missing" in row.detail
 
 
 def test_classifier_is_checked_with_argmax(live_server, live_repository, live_classifier, live_loaded):
@@ -138,9 +142,9 @@ def test_a_broken_config_fails_naming_the_model_and_the_cause(tmp_path, live_rep
 
     assert not result.passed
     load = {row.model: row for row in result.rows if row.check == "load"}
-    assert load[model].status is Status.FAIL
+    assert load[model].status is CheckStatus.FAIL
     assert f"model {model} has kind KIND_GPU but no GPUs are available" in load[model].detail
-    assert load[onnxruntime_model].status is Status.SKIP  # the local launcher knows its backends before loading
+    assert load[onnxruntime_model].status is CheckStatus.SKIP  # the local launcher knows its backends before loading
     assert [row.check for row in result.failures] == ["load", "text end to end"]
     assert model in result.log_tail
 
@@ -153,7 +157,7 @@ def test_an_unreadable_config_is_a_failed_row_naming_the_file(tmp_path):
     models, rows = discover(tmp_path)
     assert list(models) == ["good"] and models["good"].backend == "python" and models["good"].version == 1
     [row] = rows
-    assert row.model == "typo" and row.status is Status.FAIL
+    assert row.model == "typo" and row.status is CheckStatus.FAIL
     assert "typo/config.pbtxt: not a valid model config" in row.detail and "bakend" in row.detail
 
 

@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, closing, contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from packager.bench.in_process import Latency, Timing
@@ -23,7 +21,9 @@ from packager.bench.options import BenchOptions, LoadBudget
 from packager.bench.workload import Workload
 from packager.console import say
 from packager.errors import PackagerError
-from packager.triton import smoke
+from packager.triton.client import PROTOCOLS, REQUEST_TIMEOUT_S, Client, Wire, connection
+from packager.triton.discovery import Model, Role, load_servable
+from packager.triton.rows import CheckStatus
 from packager.triton.server import TritonServer, available_backends, serve
 from packager.validate import Inputs
 
@@ -60,15 +60,15 @@ class ServerTimes:
 class Endpoint:
     """What a client calls: an ensemble (text in) or a model (tensors in), and the models its time is spent in."""
 
-    model: smoke.Model
+    model: Model
     steps: tuple[str, ...]  # the ensemble's steps, or the model itself
 
     @property
     def input(self) -> str:
-        return "text" if self.model.role is smoke.Role.ENSEMBLE else "tensors"
+        return "text" if self.model.role is Role.ENSEMBLE else "tensors"
 
     def request(self, workload: Workload) -> Inputs:
-        if self.model.role is smoke.Role.ENSEMBLE:
+        if self.model.role is Role.ENSEMBLE:
             return {self.model.text_input.name: np.array([[text.encode()] for text in workload.texts], dtype=object)}
         return workload.inputs
 
@@ -108,10 +108,10 @@ class ServedResult:
     shipped_level: str
 
 
-def endpoints_of(models: Sequence[smoke.Model]) -> list[Endpoint]:
+def endpoints_of(models: Sequence[Model]) -> list[Endpoint]:
     """Every loaded ensemble and model that takes requests (the tokenizer is measured as an ensemble's step)."""
-    ends = [Endpoint(model, tuple(model.steps)) for model in models if model.role is smoke.Role.ENSEMBLE]
-    return ends + [Endpoint(model, (model.name,)) for model in models if model.role is smoke.Role.MODEL]
+    ends = [Endpoint(model, tuple(model.steps)) for model in models if model.role is Role.ENSEMBLE]
+    return ends + [Endpoint(model, (model.name,)) for model in models if model.role is Role.MODEL]
 
 
 def measure_served(repository_root: Path, workloads: Sequence[Workload], options: BenchOptions,
@@ -119,67 +119,60 @@ def measure_served(repository_root: Path, workloads: Sequence[Workload], options
     """Serve the repository, then measure every point: batching on, then reloaded without, each protocol, endpoint,
     workload and client count."""
     with serve(options.launcher, repository_root) as server:
-        found, rows = smoke.load_servable(server, repository_root, backends=available_backends(options.launcher))
-        failed = [row for row in rows if row.status is smoke.Status.FAIL]
+        found, rows = load_servable(server, repository_root, backends=available_backends(options.launcher))
+        failed = [row for row in rows if row.status is CheckStatus.FAIL]
         if failed:
             raise PackagerError(f"Triton could not load {failed[0].model}: {failed[0].detail}")
-        loaded = [found[row.model] for row in rows if row.status is smoke.Status.PASS]
+        loaded = [found[row.model] for row in rows if row.status is CheckStatus.PASS]
         endpoints = endpoints_of(loaded)
         if not endpoints:
             raise PackagerError(f"{options.launcher} Triton can serve none of {', '.join(found)}")
         points = []
-        with _admin(server) as admin:
-            version = admin.get_server_metadata()["version"]
+        with connection(PROTOCOLS["http"], server, ADMIN_TIMEOUT_S) as admin:
+            version = admin.server_version()
             for batching in (True, False):
                 if not batching:
                     _turn_off_dynamic_batching(admin, loaded)
                 for protocol, endpoint, workload, clients in itertools.product(
                         options.protocols, endpoints, workloads, options.concurrency):
-                    points.append(measure_point(server, admin, smoke.PROTOCOLS[protocol], endpoint, workload,
+                    points.append(measure_point(server, admin, PROTOCOLS[protocol], endpoint, workload,
                                                 clients, batching, options.load))
                     say(f"    {points[-1].configuration} {workload.shape} x{clients}: "
                         f"p50 {points[-1].latency.p50_ms:.1f} ms, {points[-1].latency.inferences_per_s:.1f} inf/s")
-    not_served = {row.model: row.detail for row in rows if row.status is smoke.Status.SKIP}
+    not_served = {row.model: row.detail for row in rows if row.status is CheckStatus.SKIP}
     return ServedResult(points, not_served, version, shipped_level)
 
 
-@contextmanager
-def _admin(server: TritonServer) -> Iterator[httpclient.InferenceServerClient]:
-    """The HTTP client for statistics and reloads, closed on exit (an open one delays the server's shutdown)."""
-    with closing(httpclient.InferenceServerClient(server.http_url, network_timeout=ADMIN_TIMEOUT_S)) as client:
-        yield client
-
-
-def _turn_off_dynamic_batching(admin: httpclient.InferenceServerClient, models: Sequence[smoke.Model]) -> None:
+def _turn_off_dynamic_batching(admin: Client, models: Sequence[Model]) -> None:
     """Reload every model that batches dynamically with its served config minus dynamic_batching (Triton's
     load-time config override; the repository on disk is left as it is)."""
     for model in models:
         if not model.batches_dynamically:
             continue
-        config = admin.get_model_config(model.name)
+        config = admin.config(model.name)
         config.pop("dynamic_batching", None)
         try:
-            admin.load_model(model.name, config=json.dumps(config))
+            admin.load(model.name, config)
         except InferenceServerException as exc:
             raise PackagerError(f"reloading {model.name} without dynamic batching failed: {exc.message()}") from None
-        if "dynamic_batching" in admin.get_model_config(model.name):
+        if "dynamic_batching" in admin.config(model.name):
             raise PackagerError(f"{model.name} still batches dynamically after its reload")
 
 
 def measure_point(
-    server: TritonServer, admin: httpclient.InferenceServerClient, protocol: smoke.Protocol, endpoint: Endpoint,
-    workload: Workload, concurrency: int, batching: bool, budget: LoadBudget,
+    server: TritonServer, admin: Client, wire: Wire, endpoint: Endpoint, workload: Workload, concurrency: int,
+    batching: bool, budget: LoadBudget,
 ) -> Served:
     """`concurrency` closed-loop clients, each with its own connection; Triton's statistics are read after the
     clients' warmup (which checks the answers) and after the last request."""
     model = endpoint.model
-    names = (model.name, *endpoint.steps) if model.role is smoke.Role.ENSEMBLE else endpoint.steps
+    names = (model.name, *endpoint.steps) if model.role is Role.ENSEMBLE else endpoint.steps
     inputs = endpoint.request(workload)
     before: dict[str, dict[str, int]] = {}
 
     @contextmanager
     def connect() -> Iterator[Callable[[bool], None]]:
-        with closing(smoke.Client(protocol, protocol.address(server))) as client:
+        with connection(wire, server) as client:
             yield _call(client, model, inputs, workload.batch)
 
     latencies, seconds = closed_loop(connect, concurrency, budget, lambda: before.update(_settled(admin, names)))
@@ -188,16 +181,16 @@ def measure_point(
     samples = Timing(tuple(latencies))
     latency = Latency(len(latencies), samples.median_ms, samples.percentile_ms(90), samples.percentile_ms(99),
                       len(latencies) / seconds)
-    return Served(protocol.name, model.name, endpoint.input, batching, workload.batch, workload.sequence, concurrency,
+    return Served(wire.name, model.name, endpoint.input, batching, workload.batch, workload.sequence, concurrency,
                   latency, times, endpoint.steps)
 
 
-def _call(client: smoke.Client, model: smoke.Model, inputs: Inputs, rows: int) -> Callable[[bool], None]:
+def _call(client: Client, model: Model, inputs: Inputs, rows: int) -> Callable[[bool], None]:
     """One request with prepared tensors; when checked, every output must come back with `rows` rows."""
     tensors, outputs = client.request(inputs, model.output_names)
 
     def call(check: bool) -> None:
-        result = client.raw.infer(model.name, tensors, outputs=outputs)
+        result = client.send(model.name, tensors, outputs)
         if check:
             for name in model.output_names:
                 answer = result.as_numpy(name)
@@ -239,8 +232,8 @@ def closed_loop(
             with connect() as call:
                 for _ in range(budget.warmup):
                     call(True)
-                ready.wait(smoke.REQUEST_TIMEOUT_S)
-                go.wait(smoke.REQUEST_TIMEOUT_S)
+                ready.wait(REQUEST_TIMEOUT_S)
+                go.wait(REQUEST_TIMEOUT_S)
                 loop(call)
         except threading.BrokenBarrierError:
             pass  # another thread failed first
@@ -253,20 +246,20 @@ def closed_loop(
     for thread in threads:
         thread.start()
     try:
-        ready.wait(smoke.REQUEST_TIMEOUT_S * (budget.warmup + 1))
+        ready.wait(REQUEST_TIMEOUT_S * (budget.warmup + 1))
         when_ready()
         began = time.perf_counter()
         deadline[0] = began + budget.seconds
-        go.wait(smoke.REQUEST_TIMEOUT_S)
+        go.wait(REQUEST_TIMEOUT_S)
     except threading.BrokenBarrierError:
         began = time.perf_counter()
     for thread in threads:
-        thread.join(max(0.0, began + budget.seconds + smoke.REQUEST_TIMEOUT_S - time.perf_counter()))
+        thread.join(max(0.0, began + budget.seconds + REQUEST_TIMEOUT_S - time.perf_counter()))
     seconds = time.perf_counter() - began
     if errors:
         raise PackagerError(f"a benchmark request failed: {_error_text(errors[0])}")
     if any(thread.is_alive() for thread in threads) or not latencies:
-        raise PackagerError(f"benchmark clients did not finish within {smoke.REQUEST_TIMEOUT_S:.0f} s of their time")
+        raise PackagerError(f"benchmark clients did not finish within {REQUEST_TIMEOUT_S:.0f} s of their time")
     return latencies, seconds
 
 
@@ -275,7 +268,7 @@ def _error_text(error: Exception) -> str:
     return " ".join((message or type(error).__name__).split())
 
 
-def _settled(admin: httpclient.InferenceServerClient, names: Sequence[str]) -> dict[str, dict[str, int]]:
+def _settled(admin: Client, names: Sequence[str]) -> dict[str, dict[str, int]]:
     """The statistics once they stop changing: Triton counts a request just after its response is sent."""
     current = _statistics(admin, names)
     for _ in range(STATISTICS_READS):
@@ -287,12 +280,12 @@ def _settled(admin: httpclient.InferenceServerClient, names: Sequence[str]) -> d
     return current
 
 
-def _statistics(admin: httpclient.InferenceServerClient, names: Sequence[str]) -> dict[str, dict[str, int]]:
+def _statistics(admin: Client, names: Sequence[str]) -> dict[str, dict[str, int]]:
     """Cumulative counters per model (all served versions summed)."""
     counters = {}
     for name in names:
         total: dict[str, int] = {}
-        for version in admin.get_inference_statistics(name)["model_stats"]:
+        for version in admin.statistics(name):
             stats = version["inference_stats"]
             values = {"requests": stats["success"]["count"], "total": stats["success"]["ns"],
                       "inferences": version["inference_count"], "executions": version["execution_count"],

@@ -1,4 +1,5 @@
-"""Triton Inference Server: start and stop one (server), and check a served repository (smoke)."""
+"""Triton Inference Server: start and stop one (server), talk to it (client), find and load a repository's models
+(discovery), and check them against PyTorch (smoke, with its checks and reference)."""
 
 LAUNCHER_NAMES = ("local", "docker", "url")  # packager.triton.server.LAUNCHERS
-PROTOCOL_NAMES = ("http", "grpc")  # packager.triton.smoke.PROTOCOLS
+PROTOCOL_NAMES = ("http", "grpc")  # packager.triton.client.PROTOCOLS

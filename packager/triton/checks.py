@@ -1,0 +1,303 @@
+"""The checks of a served repository over one protocol, each a row that passes or fails.
+
+Server and model readiness; metadata and config against the IO spec; real text through every ensemble and token
+tensors through every model, compared with PyTorch within the gate the model's graph passed (its manifest names it);
+the tokenizer model against the Hugging Face tokenizer; concurrent requests, which the dynamic batcher joins, against
+the same requests sent one by one (within the gate's max_invariance) and against PyTorch; bad requests, which must get
+Triton's errors while the server stays healthy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from tritonclient.utils import InferenceServerException
+
+from packager import validate
+from packager.errors import PackagerError
+from packager.iospec import BATCH
+from packager.recipe import Tolerances
+from packager.triton.client import Client, infer_at_once
+from packager.triton.discovery import Model, Role
+from packager.triton.reference import Reference
+from packager.triton.rows import CheckStatus, SmokeRow
+from packager.validate import Inputs, ValidationBatch
+
+CONCURRENT_REQUESTS = 8  # one text each, sent from this many threads at once
+JOIN_ATTEMPTS = 3  # rounds of concurrent requests before "the batcher never joined them" is a failure
+LONG_TEXT = max(validate.VALIDATION_TEXTS, key=len)
+NON_ASCII_TEXTS = tuple(text for text in validate.VALIDATION_TEXTS if not text.isascii())
+
+
+def _gate(model: Model) -> Tolerances:
+    """The gate a model's answers are checked with: the one its manifest names."""
+    if model.gate is None:
+        raise PackagerError(f"{model.name} has no manifest naming the gate its graph passed: publish it with packager")
+    return model.gate
+
+
+def _text_cases(max_batch_size: int) -> dict[str, tuple[str, ...]]:
+    """Batch 1, a full batch of mixed lengths, truncation, non-ASCII: the requests every served model answers."""
+    texts, max_batch = validate.VALIDATION_TEXTS, max(max_batch_size, 1)
+    return {
+        "batch 1": texts[:1],
+        f"batch {max_batch}, mixed lengths": tuple(texts[i % len(texts)] for i in range(max_batch)),
+        "longer than max sequence": (LONG_TEXT,),
+        "non-ASCII": NON_ASCII_TEXTS[:max_batch],
+    }
+
+
+def _text_inputs(model: Model, texts: Sequence[str]) -> Inputs:
+    return {model.text_input.name: np.array([[text.encode()] for text in texts], dtype=object)}
+
+
+Check = Callable[..., tuple[bool, str]]
+
+
+class Checks:
+    """The checks over one client; each returns (passed, detail)."""
+
+    def __init__(self, client: Client, reference: Reference, served: list[Model]):
+        self.client, self.reference, self.served = client, reference, served
+
+    def attempt(self, check: str, model: str, function: Check, *args) -> SmokeRow:
+        """Run one check; an error from Triton or the connection fails the check, not the run."""
+        try:
+            passed, detail = function(*args)
+        except (InferenceServerException, OSError, threading.BrokenBarrierError, PackagerError) as error:
+            passed, detail = False, _error_text(error)
+        return SmokeRow(check, self.client.wire.name, model, CheckStatus.PASS if passed else CheckStatus.FAIL, detail)
+
+    # -- readiness and description
+
+    def server_ready(self) -> tuple[bool, str]:
+        return self.client.is_server_ready(), "live and ready"
+
+    def describe(self, model: Model) -> list[SmokeRow]:
+        return [
+            self.attempt("model ready", model.name, self.model_ready, model),
+            self.attempt("metadata = IO spec", model.name, self.metadata, model),
+            self.attempt("config = IO spec", model.name, self.config, model),
+        ]
+
+    def model_ready(self, model: Model) -> tuple[bool, str]:
+        return self.client.is_model_ready(model.name), f"version {model.version}"
+
+    def metadata(self, model: Model) -> tuple[bool, str]:
+        """The served metadata: wire data types, the batch dim as -1 in front."""
+        served = self.client.metadata(model.name)
+        found = {
+            kind: {t["name"]: (t["datatype"], [int(d) for d in t["shape"]]) for t in served.get(kind, [])}
+            for kind in ("inputs", "outputs")
+        }
+        expected = {
+            kind: {name: (_wire_type(dtype), [-1, *dims]) for name, (dtype, dims) in tensors.items()}
+            for kind, tensors in self._expected(model).items()
+        }
+        return _same(expected, found)
+
+    def config(self, model: Model) -> tuple[bool, str]:
+        """The config the server runs: config data types, dims without the batch, max_batch_size = profile max."""
+        served = self.client.config(model.name)
+        found = {
+            kind: {t["name"]: (t["data_type"], [int(d) for d in t.get("dims", [])]) for t in served.get(key, [])}
+            for kind, key in (("inputs", "input"), ("outputs", "output"))
+        }
+        passed, detail = _same(self._expected(model), found)
+        max_batch, profile_max = int(served.get("max_batch_size", 0)), self.reference.profile.batch.max
+        if max_batch != profile_max:
+            mismatch = f"max_batch_size {max_batch}, the profile's max batch is {profile_max}"
+            return False, mismatch if passed else f"{mismatch}; {detail}"
+        return passed, f"{detail}; max_batch_size {max_batch}" if passed else detail
+
+    def _expected(self, model: Model) -> dict[str, dict[str, tuple[str, list[int]]]]:
+        """Name -> (config data type, dims without batch) of the inputs and outputs the IO spec gives this role."""
+        spec = {t.name: (t.triton_type, t.triton_dims(BATCH)) for t in self.reference.spec.inputs}
+        outputs = {t.name: (t.triton_type, t.triton_dims(BATCH)) for t in self.reference.spec.outputs}
+        if model.role is Role.MODEL:
+            return {"inputs": spec, "outputs": outputs}
+        text = {model.text_input.name: ("TYPE_STRING", list(model.text_input.dims))}
+        return {"inputs": text, "outputs": spec if model.role is Role.TOKENIZER else outputs}
+
+    # -- answers
+
+    def answers(self, model: Model) -> list[SmokeRow]:
+        cases = _text_cases(model.max_batch_size)
+        if model.role is Role.TOKENIZER:
+            return [self.attempt("tokens = HF tokenizer", model.name, self.tokens, model, cases)]
+        label = "text → PyTorch" if model.role is Role.ENSEMBLE else "tokens → PyTorch"
+        return [
+            self.attempt(f"{label}: {case}", model.name, self.answer, model, texts) for case, texts in cases.items()
+        ]
+
+    def answer(self, model: Model, texts: Sequence[str]) -> tuple[bool, str]:
+        batch = self.reference.tokenize(texts)
+        served = self.client.infer(model.name, self._inputs(model, batch), model.output_names)
+        return self.reference.compare(batch, self.reference.answer(texts), served, _gate(model))
+
+    def tokens(self, model: Model, cases: dict[str, tuple[str, ...]]) -> tuple[bool, str]:
+        for case, texts in cases.items():
+            expected = self.reference.tokenize(texts).inputs
+            served = self.client.infer(model.name, _text_inputs(model, texts), model.output_names)
+            for name, values in served.items():
+                if values.shape != expected[name].shape or not np.array_equal(values, expected[name]):
+                    return False, f"{case}: '{name}' {values.shape} differs from the tokenizer's {expected[name].shape}"
+        return True, f"{len(cases)} requests, same token tensors"
+
+    def _inputs(self, model: Model, batch: ValidationBatch) -> Inputs:
+        return _text_inputs(model, batch.texts) if model.role is Role.ENSEMBLE else batch.inputs
+
+    # -- concurrency
+
+    def concurrent(self, model: Model) -> tuple[bool, str]:
+        """Single-text requests sent at once give the answers they give one by one; the batcher joins them."""
+        texts = [validate.VALIDATION_TEXTS[i % len(validate.VALIDATION_TEXTS)] for i in range(CONCURRENT_REQUESTS)]
+        batches = self._single_batches(model, texts)
+        requests = [self._inputs(model, batch) for batch in batches]
+        alone = [self.client.infer(model.name, request, model.output_names) for request in requests]
+        joined_model = self._batching_model(model)
+        for _ in range(JOIN_ATTEMPTS if joined_model else 1):
+            before = self.client.batch_counts(joined_model.name) if joined_model else {}
+            together = infer_at_once(self.client, model.name, requests, model.output_names)
+            for batch, one, many in zip(batches, alone, together):
+                passed, detail = self.reference.invariant(batch, one, many, _gate(model).max_invariance)
+                if passed:
+                    passed, detail = self.reference.compare(batch, self.reference.answer(batch.texts), many,
+                                                            _gate(model))
+                if not passed:
+                    return False, f"{batch.texts[0][:40]!r}: {detail}"
+            if joined_model is None:
+                return True, f"{len(requests)} requests, same answers (no dynamic batcher here can join them)"
+            after = self.client.batch_counts(joined_model.name)
+            largest = max((size for size, count in after.items() if count > before.get(size, 0)), default=0)
+            if largest > 1:
+                return True, f"{len(requests)} requests, same answers; {joined_model.name} joined up to {largest}"
+        return False, f"same answers, but {joined_model.name} never joined requests in {JOIN_ATTEMPTS} rounds"
+
+    def _single_batches(self, model: Model, texts: list[str]) -> list[ValidationBatch]:
+        """One batch per text: at its own length when the model takes ragged batches, else all at one length."""
+        if model.role is Role.ENSEMBLE or model.ragged:
+            return [self.reference.tokenize([text]) for text in texts]
+        joint = self.reference.tokenize(texts)
+        rows = [{name: values[i : i + 1] for name, values in joint.inputs.items()} for i in range(len(texts))]
+        return [
+            ValidationBatch(1, joint.sequence, (text,), inputs, joint.mask[i : i + 1])
+            for i, (text, inputs) in enumerate(zip(texts, rows))
+        ]
+
+    def _batching_model(self, model: Model) -> Model | None:
+        """The model whose dynamic batcher can join these requests, if any: the model itself, or an ensemble's
+        step that takes ragged batches (without, the tokenizer's different lengths cannot be joined)."""
+        if model.role is Role.MODEL:
+            return model if model.batches_dynamically else None
+        by_name = {m.name: m for m in self.served}
+        steps = [by_name[step] for step in model.steps if step in by_name]
+        return next((m for m in steps if m.batches_dynamically and m.ragged), None)
+
+    # -- bad requests and health
+
+    def bad_requests(self, model: Model) -> list[SmokeRow]:
+        """Each bad request made from a valid one; Triton must refuse it with its error for that mistake."""
+        valid = self._inputs(model, self.reference.tokenize(validate.VALIDATION_TEXTS[:1]))
+        rows = []
+        for check, bad in BAD_REQUESTS.items():
+            inputs, pattern = bad.make(model, valid), bad.pattern(model, valid)
+            rows.append(self.attempt(f"bad request: {check}", model.name, self.refused, model, inputs, pattern))
+        return rows
+
+    def unknown_model(self, models: list[Model]) -> SmokeRow:
+        """A valid request for a model that does not exist."""
+        check = "bad request: unknown model"
+        if not models:
+            return SmokeRow(check, self.client.wire.name, "-", CheckStatus.SKIP, "no model served")
+        unknown = dataclasses.replace(models[0], name=f"{models[0].name}_no_such_model")
+        valid = self._inputs(models[0], self.reference.tokenize(validate.VALIDATION_TEXTS[:1]))
+        return self.attempt(check, unknown.name, self.refused, unknown, valid, "unknown model")
+
+    def refused(self, model: Model, inputs: Inputs, expected: str) -> tuple[bool, str]:
+        try:
+            self.client.infer(model.name, inputs, model.output_names)
+        except InferenceServerException as error:
+            message = _error_text(error)
+            return re.search(expected, message) is not None, message
+        return False, "Triton accepted the request"
+
+    def healthy(self, model: Model) -> tuple[bool, str]:
+        if not (self.client.is_server_ready() and self.client.is_model_ready(model.name)):
+            return False, "server or model not ready after the bad requests"
+        passed, detail = self.answer(model, validate.VALIDATION_TEXTS[:1])
+        return passed, f"ready; answers as before ({detail})" if passed else detail
+
+
+@dataclass(frozen=True)
+class BadRequest:
+    make: Callable[[Model, Inputs], Inputs]  # the bad inputs, from valid ones
+    error: str  # the pattern Triton's error must match
+
+    def pattern(self, model: Model, valid: Inputs) -> str:
+        first = re.escape(next(iter(valid)))
+        return self.error.format(model=re.escape(model.name), input=first, max_batch_size=model.max_batch_size)
+
+
+def _wrong_datatype(model: Model, valid: Inputs) -> Inputs:
+    name, array = next(iter(valid.items()))
+    return {**valid, name: np.zeros(array.shape, np.float32 if array.dtype == np.float64 else np.float64)}
+
+
+def _wrong_rank(model: Model, valid: Inputs) -> Inputs:
+    name, array = next(iter(valid.items()))
+    return {**valid, name: array[..., None]}
+
+
+def _missing_input(model: Model, valid: Inputs) -> Inputs:
+    return dict(list(valid.items())[:-1])
+
+
+def _batch_too_big(model: Model, valid: Inputs) -> Inputs:
+    return {name: np.repeat(array[:1], model.max_batch_size + 1, axis=0) for name, array in valid.items()}
+
+
+# Triton's error patterns: {model} and {input} (the first input) are filled in, escaped.
+BAD_REQUESTS: dict[str, BadRequest] = {
+    "wrong datatype": BadRequest(_wrong_datatype, r"input '{input}' data-type is '\w+', but model '{model}' expects"),
+    "wrong rank": BadRequest(_wrong_rank, r"unexpected shape for input '{input}' for model '{model}'"),
+    "missing input": BadRequest(_missing_input, r"expected \d+ inputs but got \d+ inputs for model '{model}'"),
+    "batch above max_batch_size": BadRequest(_batch_too_big, r"batch-size must be <= {max_batch_size} for '{model}'"),
+}
+
+
+# ---- comparing tables and error messages ------------------------------------------------------------------
+
+
+def _same(expected: dict, found: dict) -> tuple[bool, str]:
+    """Compare name -> (data type, dims) tables of inputs and outputs; the detail names every difference."""
+    differences = []
+    for kind in ("inputs", "outputs"):
+        want, got = expected[kind], found.get(kind, {})
+        for name in sorted(set(want) | set(got)):
+            if want.get(name) != got.get(name):
+                served, wanted = _describe(got.get(name)), _describe(want.get(name))
+                differences.append(f"{kind[:-1]} '{name}': served {served}, expected {wanted}")
+    if differences:
+        return False, "; ".join(differences)
+    return True, ", ".join(f"{len(expected[kind])} {kind}" for kind in ("inputs", "outputs")) + " as the IO spec says"
+
+
+def _describe(tensor: tuple[str, list[int]] | None) -> str:
+    return "nothing" if tensor is None else f"{tensor[0]} {tensor[1]}"
+
+
+def _wire_type(config_type: str) -> str:
+    """A config data type (TYPE_INT64) as metadata names it (INT64; TYPE_STRING is BYTES)."""
+    return "BYTES" if config_type == "TYPE_STRING" else config_type.removeprefix("TYPE_")
+
+
+def _error_text(error: Exception) -> str:
+    message = error.message() if isinstance(error, InferenceServerException) else str(error)
+    return " ".join((message or type(error).__name__).replace("[request id: <id_unknown>] ", "").split())
+

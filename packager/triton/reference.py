@@ -1,0 +1,72 @@
+"""The smoke's reference: PyTorch's answers and the Hugging Face tokenizer's tokens for the texts it sends."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from transformers import PreTrainedTokenizerBase
+
+from packager import source, validate
+from packager.iospec import IOSpec
+from packager.recipe import Profile, Recipe, Tolerances
+from packager.tasks import Task, get_task
+from packager.triton.client import Outputs
+from packager.validate import ValidationBatch
+
+
+@dataclass
+class Reference:
+    """What served answers are compared with: PyTorch on the same tokens, and the tokenizer that made them.
+
+    Texts are tokenized as the served tokenizer does: truncated at the profile's max sequence, padded to the
+    longest text of the request, at least to the profile's min sequence.
+    """
+
+    task: Task
+    spec: IOSpec
+    tokenizer: PreTrainedTokenizerBase
+    runner: validate.Runner
+    profile: Profile
+    _answers: dict[tuple[str, ...], Outputs] = field(default_factory=dict, init=False, repr=False)
+
+    @classmethod
+    def of(cls, recipe: Recipe, spec: IOSpec, loaded: source.LoadedModel) -> "Reference":
+        """The task wrapper of the loaded model run by PyTorch."""
+        task = get_task(recipe.task)
+        runner = validate.torch_runner(task.wrapper(loaded.model, spec.input_names).eval(), spec)
+        return cls(task, spec, loaded.tokenizer, runner, recipe.profile)
+
+    def tokenize(self, texts: Sequence[str]) -> ValidationBatch:
+        sequence = self.profile.sequence
+        lengths = self.tokenizer(list(texts), truncation=True, max_length=sequence.max)["input_ids"]
+        length = max([sequence.min, *map(len, lengths)])
+        return ValidationBatch.of(texts, validate.tokenize(self.tokenizer, self.spec, list(texts), length))
+
+    def answer(self, texts: Sequence[str]) -> Outputs:
+        key = tuple(texts)
+        if key not in self._answers:
+            self._answers[key] = self.runner(self.tokenize(texts).inputs)
+        return self._answers[key]
+
+    def compare(self, batch: ValidationBatch, expected: Outputs, served: Outputs, tolerances: Tolerances) -> tuple[bool, str]:
+        """Every output within tolerance (validate.compare_output); the detail names the worst difference."""
+        rows = [
+            validate.compare_output("served", self.task, self.spec, name, batch, expected[name], served[name], tolerances)
+            for name in self.spec.output_names
+            if name in served
+        ]
+        failed = [f"{row.output}: {row.reason}" for row in rows if not row.passed]
+        if failed:
+            return False, "; ".join(failed)
+        metric = next((f", {row.metric} {row.metric_value:.6f}" for row in rows if row.metric), "")
+        return True, f"max |Δ| {max(row.max_abs for row in rows):.2g}{metric}"
+
+    def invariant(self, batch: ValidationBatch, alone: Outputs, together: Outputs, tolerance: float) -> tuple[bool, str]:
+        """A request's answer sent alone against the same request joined with others: equal within `tolerance`."""
+        differences = {name: validate.batch_difference(self.spec, name, batch, alone[name], together[name], 0)
+                       for name in self.spec.output_names if name in alone}
+        name, worst = max(differences.items(), key=lambda item: item[1])
+        if not worst <= tolerance:
+            return False, f"{name}: alone vs joined max |Δ| {worst:.3g} > {tolerance:g}"
+        return True, f"alone vs joined max |Δ| {worst:.2g}"
