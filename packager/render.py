@@ -1,4 +1,5 @@
-"""Triton model configs rendered from the Jinja templates in templates/, every name, type and dim from the IO spec.
+"""Triton model configs rendered from the Jinja templates in packager/templates/, every name, type and dim from
+the IO spec.
 
 One model per serving target (TARGETS), a tokenizer model, and per target an ensemble text -> tokenizer -> model.
 Every config is parsed with Triton's own schema (tritonclient's ModelConfig) before anything is written.
@@ -24,7 +25,9 @@ from packager.recipe import TARGETS as TARGET_NAMES
 from packager.recipe import Profile, Recipe, Serving
 from packager.record import ProfileShapes
 
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
+# Package data (pyproject.toml ships templates/*.j2 and templates/python/*.py in the wheel), read as real files:
+# Jinja loads the templates from this folder and publish copies the python models' model.py from it.
+TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 PYTHON_MODELS = TEMPLATE_DIR / "python"
 TOKENIZER_FOLDER = "tokenizer"  # inside the tokenizer model's version folder
 FAST_TOKENIZER_FILE = "tokenizer.json"  # what `tokenizers` loads; absent for slow tokenizers
