@@ -50,7 +50,7 @@ class TransformersEncoder:
         os.environ["HF_HUB_OFFLINE"] = "1"
         from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
         self.names = names
         self.max_length = max_length
 
