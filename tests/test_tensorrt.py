@@ -1,5 +1,6 @@
 """The TensorRT step: recipe settings, profiles, the real TensorRT-RTX build (tiny model and MiniLM), loud failures,
-timing cache, the skip path, the target-release check and the trtexec command."""
+timing cache, the skip path, the target-release check, and the trtexec command (as pipeline.build prints it, its inputs
+run through the build's checks)."""
 
 import dataclasses
 import re
@@ -13,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from packager import export, iospec, pipeline, source, tensorrt
-from packager.errors import UsageError
+from packager.errors import PackagerError, UsageError
 from packager.iospec import IOSpec, TensorSpec
 from packager.optimize.fp16 import fp16_graph
 from packager.recipe import EngineProfile, Range, load_recipe
@@ -109,7 +110,7 @@ def test_profile_shapes_follow_the_io_spec_axes():
     profile = EngineProfile("p", Range(1, 4, 8), Range(5, 6, 9))
     assert tensorrt.profile_shapes(spec, profile) == {"ids": ((1, 5), (4, 6), (8, 9))}  # fixed inputs need none
     odd = IOSpec((TensorSpec("pixels", "FLOAT", ("batch", "height")),), ())
-    with pytest.raises(tensorrt.PackagerError, match="'pixels' has dynamic axes \\['height'\\]"):
+    with pytest.raises(PackagerError, match="'pixels' has dynamic axes \\['height'\\]"):
         tensorrt.profile_shapes(odd, profile)
 
 
@@ -143,7 +144,7 @@ def test_fp16_builds_from_an_fp16_graph_with_io_types_kept(tiny, tmp_path):
     graph = onnx.load(str(tmp_path / made.facts.graph))
     assert TensorProto.FLOAT16 in {init.data_type for init in graph.graph.initializer if len(init.dims) == 2}
     assert iospec.from_onnx(graph) == model.spec
-    with pytest.raises(tensorrt.PackagerError, match="needs its fp16 graph"):
+    with pytest.raises(PackagerError, match="needs its fp16 graph"):
         tensorrt.build_engine(model.path, model.spec, with_tensorrt(recipe, precision="fp16"), tmp_path)
 
 
