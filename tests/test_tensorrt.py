@@ -5,6 +5,8 @@ run through the build's checks)."""
 import dataclasses
 import re
 import shlex
+import subprocess
+import sys
 import types
 from pathlib import Path
 
@@ -211,6 +213,15 @@ def test_a_build_that_returns_no_engine_raises_with_the_builder_log(tiny_recipe_
     headline, *log = str(failure.value).splitlines()
     assert "built no engine from reshape.onnx" in headline and "reshape_to_2x8" in headline
     assert "builder errors:" in log and "last log messages:" in log
+
+
+def test_importing_the_package_loads_no_tensorrt_nor_torch_nor_the_modules_above_it():
+    """TensorRT and torch are imported by the build and the runner; the fp16 graph comes in as a callable."""
+    heavy = ["tensorrt", "tensorrt_rtx", "torch", "packager.optimize", "packager.pipeline", "packager.bench"]
+    code = f"import sys, packager.tensorrt; print(sorted(set({heavy}) & set(sys.modules)))"
+    imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent.parent).stdout
+    assert imported.split() == ["[]"], f"packager.tensorrt imports {imported.strip()}"
 
 
 # --- backends, skip, target release ------------------------------------------------------------------------------
