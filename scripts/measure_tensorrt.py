@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from packager import export, source, tensorrt
-from packager.optimize import fp16_graph
+from packager.optimize.fp16 import fp16_graph
 from packager.recipe import load_recipe
 from packager.tasks import get_task
 
@@ -25,13 +25,14 @@ def main() -> None:
     fp16 = fp16_graph(model.path, out / "model.fp16.onnx")
     rows = {"fp16_graph_s": round(time.perf_counter() - started, 2)}
     for precision in ("fp32", "fp16"):
-        settings = tensorrt.read_settings(recipe, precision=precision)
+        precise = recipe.override({"tensorrt": {"precision": precision}})
         steps, builds = [], []
         for _ in range(ROUNDS):
             started = time.perf_counter()
-            result = tensorrt.build_engine(model.path, model.spec, settings, out, cache_dir=out / "cache", fp16_onnx=fp16)
+            result = tensorrt.build_engine(model.path, model.spec, precise, out, cache_dir=out / "cache",
+                                           fp16_graph=lambda: fp16)
             steps.append(time.perf_counter() - started)
-            builds.append(result.facts.build_seconds)
+            builds.append(result.stats.build_seconds)
         rows[precision] = {
             "backend": f"{result.facts.package} {result.facts.version}",
             "step_median_s": round(statistics.median(steps), 2),

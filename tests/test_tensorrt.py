@@ -1,8 +1,12 @@
 """The TensorRT step: recipe settings, profiles, the real TensorRT-RTX build (tiny model and MiniLM), loud failures,
-timing cache, the skip path, the target-release check and the trtexec command."""
+timing cache, the skip path, the target-release check, and the trtexec command (as pipeline.build prints it, its inputs
+run through the build's checks)."""
 
 import dataclasses
 import re
+import shlex
+import subprocess
+import sys
 import types
 from pathlib import Path
 
@@ -11,12 +15,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from packager import export, iospec, source, tensorrt
-from packager.errors import UsageError
+from packager import export, iospec, pipeline, source, tensorrt
+from packager.errors import PackagerError, UsageError
 from packager.iospec import IOSpec, TensorSpec
 from packager.optimize.fp16 import fp16_graph
 from packager.recipe import EngineProfile, Range, load_recipe
-from packager.record import to_data
+from packager.record import sha256, to_data
 from packager.tasks import get_task
 
 pytest.importorskip("tensorrt_rtx", reason="the build check needs tensorrt-rtx-cu12 (make test installs it)")
@@ -108,7 +112,7 @@ def test_profile_shapes_follow_the_io_spec_axes():
     profile = EngineProfile("p", Range(1, 4, 8), Range(5, 6, 9))
     assert tensorrt.profile_shapes(spec, profile) == {"ids": ((1, 5), (4, 6), (8, 9))}  # fixed inputs need none
     odd = IOSpec((TensorSpec("pixels", "FLOAT", ("batch", "height")),), ())
-    with pytest.raises(tensorrt.PackagerError, match="'pixels' has dynamic axes \\['height'\\]"):
+    with pytest.raises(PackagerError, match="'pixels' has dynamic axes \\['height'\\]"):
         tensorrt.profile_shapes(odd, profile)
 
 
@@ -142,7 +146,7 @@ def test_fp16_builds_from_an_fp16_graph_with_io_types_kept(tiny, tmp_path):
     graph = onnx.load(str(tmp_path / made.facts.graph))
     assert TensorProto.FLOAT16 in {init.data_type for init in graph.graph.initializer if len(init.dims) == 2}
     assert iospec.from_onnx(graph) == model.spec
-    with pytest.raises(tensorrt.PackagerError, match="needs its fp16 graph"):
+    with pytest.raises(PackagerError, match="needs its fp16 graph"):
         tensorrt.build_engine(model.path, model.spec, with_tensorrt(recipe, precision="fp16"), tmp_path)
 
 
@@ -209,6 +213,15 @@ def test_a_build_that_returns_no_engine_raises_with_the_builder_log(tiny_recipe_
     headline, *log = str(failure.value).splitlines()
     assert "built no engine from reshape.onnx" in headline and "reshape_to_2x8" in headline
     assert "builder errors:" in log and "last log messages:" in log
+
+
+def test_importing_the_package_loads_no_tensorrt_nor_torch_nor_the_modules_above_it():
+    """TensorRT and torch are imported by the build and the runner; the fp16 graph comes in as a callable."""
+    heavy = ["tensorrt", "tensorrt_rtx", "torch", "packager.optimize", "packager.pipeline", "packager.bench"]
+    code = f"import sys, packager.tensorrt; print(sorted(set({heavy}) & set(sys.modules)))"
+    imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent.parent).stdout
+    assert imported.split() == ["[]"], f"packager.tensorrt imports {imported.strip()}"
 
 
 # --- backends, skip, target release ------------------------------------------------------------------------------
@@ -279,6 +292,74 @@ def test_trtexec_command_builds_the_same_profiles_in_the_release_container(tiny,
     flag = with_tensorrt(fp16, fp16_method="flag")
     flagged = tensorrt.trtexec_command(onnx_path, engine, model.spec, flag, cache)
     assert "--fp16" in flagged and "--stronglyTyped" not in flagged
+
+
+# --- the trtexec command the pipeline prints ----------------------------------------------------------------------
+
+
+def printed_trtexec(out: str) -> list[str]:
+    (line,) = [line for line in out.splitlines() if "docker run" in line]
+    return shlex.split(line[line.index("docker run"):])
+
+
+def host_path(argv: list[str], container_path: str) -> Path:
+    """A path inside the container, through the command's `-v host:/work/x[:ro]` mounts."""
+    mounts = dict(reversed(argv[i + 1].split(":")[:2]) for i, arg in enumerate(argv) if arg == "-v")
+    folder, name = container_path.rsplit("/", 1)
+    return Path(mounts[folder]) / name
+
+
+def trtexec_profiles(argv: list[str]) -> dict[int, dict[str, tuple]]:
+    """--profile=N then its --minShapes/--optShapes/--maxShapes, as {index: {input: (min, opt, max)}}."""
+    profiles, ends = {}, ("--minShapes=", "--optShapes=", "--maxShapes=")
+    for arg in argv:
+        if arg.startswith("--profile="):
+            index = int(arg.split("=")[1])
+            profiles[index] = {}
+        elif arg.startswith(ends):
+            position = ends.index(arg[:arg.index("=") + 1])
+            for item in arg.split("=", 1)[1].split(","):
+                name, shape = item.split(":")
+                profiles[index].setdefault(name, [None] * 3)[position] = tuple(map(int, shape.split("x")))
+    return {index: {name: tuple(r) for name, r in shapes.items()} for index, shapes in profiles.items()}
+
+
+def option(argv: list[str], name: str) -> str:
+    (value,) = [arg.split("=", 1)[1] for arg in argv if arg.startswith(f"--{name}=")]
+    return value
+
+
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_the_printed_trtexec_command_builds_the_final_folders_graph_of_its_precision(
+        tiny_recipe_embeddings, tmp_path, monkeypatch, capsys, precision):
+    """pipeline.build prints the command when no plan was built and Docker answers; its inputs pass the build's
+    checks: the graph of the precision in the final build folder, the IO spec, and the profiles TensorRT accepts."""
+    recipe = tiny_recipe_embeddings.override(
+        {"optimize": {"cpu": ["plain"]}, "tensorrt": {"precision": precision, "profiles": TWO_PROFILES}})
+    monkeypatch.setattr(tensorrt, "docker_available", lambda: True)
+    built = pipeline.build(recipe, pipeline.BuildOptions(build_root=tmp_path / "build", trt_backend="tensorrt-rtx"))
+    argv = printed_trtexec(capsys.readouterr().out)
+    final = (tmp_path / "build" / recipe.name).resolve()
+    assert built.folder.resolve() == final and not list((tmp_path / "build").glob(".tiny.*"))  # staging renamed away
+
+    graph = host_path(argv, option(argv, "onnx"))
+    assert graph.exists() and graph.parent in (final, final / "tensorrt")
+    assert graph == final / ("tensorrt/model.fp16.onnx" if precision == "fp16" else "model.onnx")
+    assert built.record.graphs[str(graph.relative_to(final))] == sha256(graph)  # the file the build recorded
+    weights = {init.data_type for init in onnx.load(str(graph)).graph.initializer if len(init.dims) == 2}
+    assert weights == ({TensorProto.FLOAT16} if precision == "fp16" else {TensorProto.FLOAT})
+    assert iospec.from_onnx(graph) == IOSpec.read(final / "iospec.json") == built.spec
+    assert host_path(argv, option(argv, "saveEngine")) == final / "model.plan"
+    assert host_path(argv, option(argv, "timingCacheFile")).parent == (tmp_path / "build" / ".cache").resolve()
+    assert "--stronglyTyped" in argv and "--fp16" not in argv  # the precision is the graph's own
+    assert option(argv, "memPoolSize") == f"workspace:{recipe.tensorrt.workspace_mib}M"
+
+    # the real builder, on that exact file, with the build's checks (network IO = IO spec, profiles = recipe)
+    check = tensorrt.build_engine(graph, built.spec, recipe, tmp_path / "check", backend="tensorrt-rtx",
+                                  fp16_graph=lambda: graph)
+    assert check.status == "build-check" and check.facts.graph == graph.name
+    assert trtexec_profiles(argv) == {p.index: p.shapes for p in check.profiles}
+    assert check.profiles == built.record.tensorrt.facts.profiles
 
 
 # --- MiniLM ------------------------------------------------------------------------------------------------------
