@@ -195,3 +195,9 @@ def test_quick_paths_import_no_heavy_library(argv):
             "if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout + result.stderr
+
+
+def test_the_trt_backend_choices_are_the_tensorrt_stages():
+    from packager import cli, tensorrt
+
+    assert cli.TRT_BACKENDS == tensorrt.BACKEND_CHOICES

@@ -18,13 +18,13 @@ from packager.tensorrt.build import ENGINE_FILE, EngineResult, build_engine
 from packager.tensorrt.log import EngineBuildError
 from packager.tensorrt.runtime import engine_runner
 from packager.tensorrt.settings import (
-    BACKENDS, Backend, BackendUnavailable, LoadedBackend, build_mode, check_target, engine_dims, profile_shapes,
-    select_backend,
+    BACKEND_CHOICES, BACKENDS, Backend, BackendUnavailable, LoadedBackend, build_mode, check_target, engine_dims,
+    profile_shapes, select_backend,
 )
 from packager.tensorrt.trtexec import docker_available, trtexec_command
 
 __all__ = [
-    "BACKENDS", "ENGINE_FILE", "Backend", "BackendUnavailable", "EngineBuildError", "EngineResult", "LoadedBackend",
-    "build_engine", "build_mode", "check_target", "docker_available", "engine_dims", "engine_runner",
+    "BACKEND_CHOICES", "BACKENDS", "ENGINE_FILE", "Backend", "BackendUnavailable", "EngineBuildError", "EngineResult",
+    "LoadedBackend", "build_engine", "build_mode", "check_target", "docker_available", "engine_dims", "engine_runner",
     "profile_shapes", "select_backend", "trtexec_command",
 ]
