@@ -32,7 +32,7 @@ def _recipe(args: argparse.Namespace) -> Recipe:
     put("export", "opset", getattr(args, "opset", None))
     for axis in ("batch", "sequence"):
         value = getattr(args, axis, None)
-        put("profile", axis, Range.parse(f"--{axis}", value).to_data() if value else None)
+        put("profile", axis, Range.from_toml(f"--{axis}", value).to_data() if value else None)
     device = getattr(args, "device", None)
     put("serving", "device", device)
     if getattr(args, "target", None):

@@ -2,25 +2,22 @@
 
 This module is the ONE schema of a recipe: every section is a typed dataclass, and `parse_recipe` checks the whole
 file (unknown keys with a suggestion, wrong types, values out of range, sections that contradict each other) before
-any work starts. Stages read their section from the parsed `Recipe`; none parses TOML itself.
+any work starts, through packager.schema. Stages read their section from the parsed `Recipe`; none parses TOML.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import itertools
 import json
 import math
-import tomllib
-import types
-import typing
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Literal
 
 from packager.errors import UsageError
+from packager.schema import merge, parse_table, read_toml, to_data
 
 RECIPE_DIR = resources.files("packager") / "recipes"
 
@@ -63,7 +60,7 @@ class Range:
                f"must satisfy 1 <= min <= opt <= max; got {self.min}, {self.opt}, {self.max}")
 
     @classmethod
-    def parse(cls, what: str, value: object) -> "Range":
+    def from_toml(cls, what: str, value: object) -> "Range":
         """From [min, opt, max] or "min,opt,max"; UsageError naming `what` otherwise."""
         if isinstance(value, str):
             parts = value.replace(",", " ").split()
@@ -304,11 +301,11 @@ class Recipe:
 
     def to_data(self) -> dict:
         """The recipe as TOML-shaped data (what parse_recipe reads); the manifest records it."""
-        return _to_data(self)
+        return to_data(self)
 
     def override(self, data: dict, where: str = "override") -> "Recipe":
         """The recipe with `data` (TOML-shaped, e.g. {"tensorrt": {"precision": "fp16"}}) merged in, checked whole."""
-        return parse_recipe(_merge(self.to_data(), data), where)
+        return parse_recipe(merge(self.to_data(), data), where)
 
 
 # ---- parsing ---------------------------------------------------------------------------------------------------
@@ -316,88 +313,9 @@ class Recipe:
 
 def parse_recipe(data: dict, where: str) -> Recipe:
     """Build a Recipe from parsed TOML; UsageError naming the file, section and key of anything wrong."""
-    recipe = _parse(Recipe, data, where, "")
+    recipe = parse_table(Recipe, data, where)
     _check_across_sections(recipe, where)
     return recipe
-
-
-def _parse(kind, value, where: str, key: str, base=dataclasses.MISSING):
-    """`value` as type `kind`; `base` is the default a partial table is merged into."""
-    path = f"{where}: {_describe_key(key)}" if key else where
-    origin, arguments = typing.get_origin(kind), typing.get_args(kind)
-    if kind is Range:
-        return Range.parse(path, value)
-    if dataclasses.is_dataclass(kind):
-        return _parse_table(kind, value, where, key, base)
-    if origin in (types.UnionType, typing.Union):  # X | None: TOML has no null, so a value is always an X
-        return _parse(next(a for a in arguments if a is not type(None)), value, where, key, base)
-    if origin is Literal:
-        if value not in arguments:
-            raise UsageError(f"{path} must be one of {', '.join(map(repr, arguments))}; got {value!r}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, list):
-            raise UsageError(f"{path} must be a list; got {value!r}")
-        return tuple(_parse(arguments[0], item, where, f"{key}[{index}]") for index, item in enumerate(value))
-    if kind is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UsageError(f"{path} must be a number; got {value!r}")
-        return float(value)
-    if kind in (int, str, bool):
-        if type(value) is not kind:
-            raise UsageError(f"{path} must be {_KIND_NAMES[kind]}; got {value!r}")
-        return value
-    raise TypeError(f"the recipe schema has no parser for {kind}")
-
-
-_KIND_NAMES = {int: "an integer", str: "a string", bool: "true or false"}
-
-
-def _parse_table(kind, value, where: str, key: str, base):
-    path = f"{where}: [{key}]" if key else where
-    if not isinstance(value, dict):
-        raise UsageError(f"{path} must be a table; got {value!r}")
-    fields = {f.name: f for f in dataclasses.fields(kind)}
-    for name in value:
-        if name not in fields:
-            close = difflib.get_close_matches(name, fields, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(fields)}"
-            raise UsageError(f"{path}: unknown key '{name}'{hint}")
-    hints = typing.get_type_hints(kind)
-    values = {}
-    for name, spec in fields.items():
-        default = getattr(base, name) if base is not dataclasses.MISSING else _field_default(spec)
-        child = f"{key}.{name}" if key else name
-        if name in value:
-            values[name] = _parse(hints[name], value[name], where, child, default)
-        elif default is dataclasses.MISSING:
-            raise UsageError(f"{where}: {_describe_key(child)} is missing ({_expected(hints[name])})")
-        else:
-            values[name] = default
-    try:
-        return kind(**values)
-    except ValueError as exc:
-        raise UsageError(f"{path}: {exc}") from None
-
-
-def _field_default(spec: dataclasses.Field):
-    if spec.default is not dataclasses.MISSING:
-        return spec.default
-    if spec.default_factory is not dataclasses.MISSING:
-        return spec.default_factory()
-    return dataclasses.MISSING
-
-
-def _describe_key(key: str) -> str:
-    """'tensorrt.workspace_mib' as a reader finds it in the file: [tensorrt] workspace_mib."""
-    section, _, rest = key.rpartition(".")
-    return f"[{section}] {rest}" if section else f"'{rest}'"
-
-
-def _expected(kind) -> str:
-    if dataclasses.is_dataclass(kind):
-        return "a table"
-    return _KIND_NAMES.get(kind, str(kind))
 
 
 def _check_across_sections(recipe: Recipe, where: str) -> None:
@@ -419,25 +337,6 @@ def _check_across_sections(recipe: Recipe, where: str) -> None:
                              f"{batch.max}")
 
 
-def _to_data(value):
-    if isinstance(value, Range):
-        return value.to_data()
-    if dataclasses.is_dataclass(value):
-        return {f.name: _to_data(getattr(value, f.name)) for f in dataclasses.fields(value)
-                if getattr(value, f.name) is not None}
-    if isinstance(value, tuple):
-        return [_to_data(item) for item in value]
-    return value
-
-
-def _merge(base: dict, changes: dict) -> dict:
-    merged = dict(base)
-    for key, value in changes.items():
-        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
-            else value
-    return merged
-
-
 # ---- finding recipes ---------------------------------------------------------------------------------------------
 
 
@@ -450,28 +349,19 @@ def load_recipe(model: str, task: str | None = None, overrides: dict | None = No
 
     `overrides` (TOML-shaped, from command-line options) are merged in before the whole recipe is checked.
     """
-    changes = _merge({"task": task} if task else {}, overrides or {})
+    changes = merge({"task": task} if task else {}, overrides or {})
     candidate = Path(model) if model else None
     if candidate is not None and candidate.is_file() and candidate.suffix == ".toml":
-        return parse_recipe(_merge(_read_toml(candidate.read_bytes(), str(candidate)), changes), str(candidate))
+        return parse_recipe(merge(read_toml(candidate.read_bytes(), str(candidate)), changes), str(candidate))
     if candidate is not None and candidate.is_dir() and (candidate / "config.json").is_file():
-        return parse_recipe(_merge(local_folder_data(candidate), changes), f"model folder {candidate}")
+        return parse_recipe(merge(local_folder_data(candidate), changes), f"model folder {candidate}")
     if model in known_recipes():
         text = (RECIPE_DIR / f"{model}.toml").read_bytes()
-        return parse_recipe(_merge(_read_toml(text, f"recipe {model}"), changes), f"recipe {model}")
+        return parse_recipe(merge(read_toml(text, f"recipe {model}"), changes), f"recipe {model}")
     raise UsageError(
         f"unknown model {model!r}: known recipes are {', '.join(known_recipes())}, "
         "or give a recipe .toml file or a local Hugging Face model folder (one with a config.json)"
     )
-
-
-def _read_toml(data: bytes, where: str) -> dict:
-    try:
-        return tomllib.loads(data.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise UsageError(f"{where}: not a UTF-8 text file") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"{where}: not valid TOML: {exc}") from None
 
 
 def local_folder_data(folder: Path) -> dict:

@@ -22,11 +22,11 @@ def test_unknown_model_lists_known_recipes():
 @pytest.mark.parametrize("value", [[1, 2], [0, 1, 2], [4, 2, 8], "x,y,z"])
 def test_bad_ranges_are_refused(value):
     with pytest.raises(UsageError):
-        Range.parse("profile.batch", value)
+        Range.from_toml("profile.batch", value)
 
 
 def test_range_values_are_distinct_and_sorted():
-    assert Range.parse("b", "1,8,8").values() == (1, 8)
+    assert Range.from_toml("b", "1,8,8").values() == (1, 8)
 
 
 MINIMAL = {"name": "x", "task": "embeddings", "source": {"package": "a"},
