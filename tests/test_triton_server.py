@@ -6,7 +6,9 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
+from contextlib import suppress
 from pathlib import Path
 
 import numpy as np
@@ -167,10 +169,109 @@ def test_stop_kills_a_process_group_that_ignores_sigint():
     ignoring.stdout.close()
 
 
-def test_early_exit_raises_with_the_log_tail(tmp_path):
+def test_early_exit_is_one_line_with_the_servers_error_and_a_kept_log(tmp_path):
     with pytest.raises(PackagerError, match="exited with code") as failure, serve("local", tmp_path / "does_not_exist"):
         pass
-    assert "does_not_exist" in str(failure.value)
+    message = str(failure.value)
+    assert "does_not_exist" in message and "\n" not in message
+    log = Path(message.split("(server log: ")[1].rstrip(")"))
+    assert log.exists() and "does_not_exist" in log.read_text()
+
+
+@pytest.mark.parametrize("damage, message", [("missing", "does not exist"), ("not executable", "is not executable")])
+def test_a_missing_or_broken_server_binary_is_one_line(tmp_path, monkeypatch, damage, message):
+    from packager.triton import server as server_module
+
+    fake = tmp_path / "tritonserver"
+    (fake / "bin").mkdir(parents=True)
+    (fake / "backends" / "python").mkdir(parents=True)
+    real = server_module._pytriton_server_dir()
+    (fake / "python_backend_stubs").symlink_to(real / "python_backend_stubs")
+    if damage == "not executable":
+        (fake / "bin" / "tritonserver").write_text("#!/bin/sh\n")
+    monkeypatch.setattr(server_module, "_pytriton_server_dir", lambda: fake)
+    with pytest.raises(PackagerError, match=message) as failure, serve("local", tmp_path):
+        pass
+    assert "\n" not in str(failure.value)
+
+
+def test_a_url_that_is_not_a_triton_server_is_one_line(tmp_path):
+    """A TCP server that answers HTTP requests with garbage."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+
+    def answer_garbage():
+        with suppress(OSError):
+            while True:
+                connection, _ = listener.accept()
+                connection.recv(1024)
+                connection.sendall(b"SSH-2.0-OpenSSH\r\n")
+                connection.close()
+
+    threading.Thread(target=answer_garbage, daemon=True).start()
+    url = f"127.0.0.1:{listener.getsockname()[1]}"
+    started = time.monotonic()
+    with pytest.raises(PackagerError, match="answers, but not as an HTTP Triton server"), serve("url", url=url):
+        pass
+    assert time.monotonic() - started < 10
+    listener.close()
+
+
+def test_the_server_dies_with_a_killed_packager(tmp_path):
+    """SIGKILL of the process that started tritonserver takes the server with it (PR_SET_PDEATHSIG)."""
+    script = tmp_path / "starter.py"
+    script.write_text(
+        "import sys, time\n"
+        "from packager.triton.server import serve\n"
+        f"with serve('local', {str(tmp_path)!r}, ready_timeout_s=60) as server:\n"
+        "    print(server.process.pid, flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    starter = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    server_pid = int(starter.stdout.readline())
+    starter.kill()
+    starter.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _alive(server_pid):
+        time.sleep(0.1)
+    assert not _alive(server_pid), "tritonserver outlived the packager that started it"
+    starter.stdout.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/stat")
+    return status.exists() and status.read_text().split()[2] != "Z"
+
+
+def test_ctrl_c_stops_the_server_within_seconds(tmp_path):
+    """SIGINT to a command serving a repository: one line, exit 130, server gone, within 5 s."""
+    script = tmp_path / "interrupted.py"
+    script.write_text(
+        "import sys, time\n"
+        "from packager.triton.server import serve\n"
+        "try:\n"
+        f"    with serve('local', {str(tmp_path)!r}, ready_timeout_s=60) as server:\n"
+        "        print(server.process.pid, flush=True)\n"
+        "        time.sleep(600)\n"
+        "except KeyboardInterrupt:\n"
+        "    sys.exit(130)\n"
+    )
+    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    server_pid = int(process.stdout.readline())
+    started = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    assert process.wait(10) == 130
+    assert time.monotonic() - started < 5
+    assert not _alive(server_pid)
+    process.stdout.close()
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ already running. `serve()` always stops what it started, also on errors and Ctrl
 
 from __future__ import annotations
 
+import http.client
 import os
 import shutil
 import signal
@@ -47,8 +48,11 @@ SERVER_FLAGS = (
     "--model-control-mode=explicit",
     "--strict-readiness=false",
     "--exit-on-error=true",
+    "--exit-timeout-secs=5",  # a stop waits at most this long for in-flight requests
     "--log-verbose=0",
 )
+INTERRUPT_GRACE_S = 2.0  # after Ctrl-C: SIGINT, this long, then SIGKILL
+CPU_NOISE = ("CudaDriverHelper",)  # error lines every start logs on a machine without a GPU
 CPU_FLAGS = (
     "--pinned-memory-pool-byte-size=0",
     "--cuda-memory-pool-byte-size=0:0",
@@ -245,6 +249,9 @@ def serve(
     try:
         wait_until_ready(server, ready_timeout_s)
         yield server
+    except KeyboardInterrupt:
+        stop_timeout_s = INTERRUPT_GRACE_S
+        raise
     finally:
         launcher.stop(server, stop_timeout_s)
 
@@ -370,12 +377,31 @@ def _bind_flags(address: str, http: int, grpc: int, metrics: int) -> list[str]:
 
 
 def _spawn(command: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen:
-    """Start `command` in its own process group (Ctrl-C in the terminal does not reach it), output to the log."""
+    """Start `command` in its own process group (Ctrl-C in the terminal does not reach it), output to the log.
+
+    On Linux the server is killed when the packager dies, even by SIGKILL (PR_SET_PDEATHSIG): no server outlives
+    the run that started it.
+    """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("wb") as log:
-        return subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
+        try:
+            return subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True, preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            )
+        except FileNotFoundError:
+            raise PackagerError(f"{command[0]} does not exist: reinstall it (for the local launcher: "
+                                "pip install nvidia-pytriton, as `make` does)") from None
+        except PermissionError:
+            raise PackagerError(f"{command[0]} is not executable: check its permissions (chmod +x)") from None
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: ask the kernel for SIGKILL when the parent thread dies."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 def _stop_process(process: subprocess.Popen | None, timeout_s: float) -> None:
@@ -405,8 +431,23 @@ def _check_still_starting(server: TritonServer, deadline: float, state: str) -> 
 
 
 def _fail(server: TritonServer, reason: str) -> NoReturn:
-    tail = server.log_tail()
-    raise PackagerError(f"{reason}; last lines of {server.log_path}:\n{tail}" if tail else reason)
+    """One line: the reason, the server's first error line, and a copy of its log that outlives the server."""
+    log = kept_log(server)
+    lines = log.read_text(errors="replace").splitlines() if log else []
+    errors = [line for line in lines if line.startswith(("E", "error:")) and not any(n in line for n in CPU_NOISE)]
+    detail = f": {' '.join(errors[-1].split())[:200]}" if errors else ""
+    raise PackagerError(f"{reason}{detail}" + (f" (server log: {log})" if log else ""))
+
+
+def kept_log(server: TritonServer) -> Path | None:
+    """A copy of the server's log in the temporary folder's packager/ (the launcher removes its own on stop)."""
+    if server.log_path is None or not server.log_path.exists():
+        return None
+    folder = Path(tempfile.gettempdir()) / "packager"
+    folder.mkdir(parents=True, exist_ok=True)
+    copy = folder / f"tritonserver-{os.getpid()}-{int(time.time())}.log"
+    shutil.copyfile(server.log_path, copy)
+    return copy
 
 
 def _is_live(server: TritonServer) -> bool:
@@ -415,6 +456,9 @@ def _is_live(server: TritonServer) -> bool:
             return response.status == 200
     except (urllib.error.URLError, ConnectionError, TimeoutError):
         return False
+    except http.client.HTTPException:
+        raise PackagerError(f"{server.http_url} answers, but not as an HTTP Triton server (/v2/health/live): check "
+                            "the --url host:port") from None
 
 
 def _answers(probe: Callable[[], bool]) -> bool:

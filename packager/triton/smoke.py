@@ -20,7 +20,7 @@ from packager.triton.client import PROTOCOLS, Wire, connection
 from packager.triton.discovery import Model, Role, load_servable
 from packager.triton.reference import Reference
 from packager.triton.rows import LOAD, CheckStatus, SmokeRow
-from packager.triton.server import TritonServer, available_backends, serve
+from packager.triton.server import TritonServer, available_backends, kept_log, serve
 
 DETAIL_WIDTH = 110  # characters of a row's detail in the summary table
 END_TO_END, CPU_CLASS = "text end to end", "cpu class"  # checks that are not per protocol
@@ -32,6 +32,7 @@ class SmokeResult:
 
     rows: tuple[SmokeRow, ...]
     log_tail: str = ""  # the end of the server log when a check failed (empty when it could not be read)
+    log: Path | None = None  # a copy of the server log that outlives the server, when a check failed
 
     @property
     def passed(self) -> bool:
@@ -91,8 +92,8 @@ def smoke(
         for name in protocols:
             rows += _check_protocol(PROTOCOLS[name], server, served, reference)
         failed = any(not row.passed for row in rows)
-        log_tail = server.log_tail() if failed else ""
-    return SmokeResult(tuple(rows), log_tail)
+        log_tail, log = (server.log_tail(), kept_log(server)) if failed else ("", None)
+    return SmokeResult(tuple(rows), log_tail, log)
 
 
 def require(result: SmokeResult) -> SmokeResult:
@@ -100,9 +101,10 @@ def require(result: SmokeResult) -> SmokeResult:
     if result.passed:
         return result
     first = result.failures[0]
+    log = f" (server log: {result.log})" if result.log else ""
     raise GateFailed(
         f"live Triton smoke failed {len(result.failures)} check(s); first: {first.check} [{first.protocol}] "
-        f"{first.model}: {_shorten(first.detail, 300)}"
+        f"{first.model}: {_shorten(first.detail, 300)}{log}"
     )
 
 
