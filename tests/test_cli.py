@@ -1,3 +1,4 @@
+import os
 import shutil
 import subprocess
 import sys
@@ -201,3 +202,18 @@ def test_the_trt_backend_choices_are_the_tensorrt_stages():
     from packager import cli, tensorrt
 
     assert cli.TRT_BACKENDS == tensorrt.BACKEND_CHOICES
+
+
+def test_staging_left_by_a_killed_run_is_cleared_by_the_next(capsys, tmp_path, tiny_bert_dir):
+    """A SIGKILLed package leaves build/.<name>.<random>; the next run removes it, unless its owner still runs."""
+    recipe = write_recipe(tmp_path / "tiny.toml", tiny_bert_dir)
+    build = tmp_path / "build"
+    killed = subprocess.Popen([sys.executable, "-c", "pass"])
+    killed.wait()
+    stale, live = build / ".tiny.dead1234", build / ".tiny.live5678"
+    for folder, owner in ((stale, killed.pid), (live, os.getpid())):
+        folder.mkdir(parents=True)
+        (folder / ".owner").write_text(str(owner))
+    code, _, _ = run_cli(capsys, "package", str(recipe), *package_args(tmp_path, "--levels", "plain"))
+    assert code == 0
+    assert not stale.exists() and live.exists()
