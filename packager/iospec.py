@@ -135,7 +135,8 @@ def from_onnx(model: onnx.ModelProto | Path, expected_axes: dict[str, dict[int, 
         try:
             tensor = spec.tensor(name)
         except KeyError:
-            raise PackagerError(f"the exported graph has no tensor '{name}'; it has {spec.input_names + spec.output_names}") from None
+            names = spec.input_names + spec.output_names
+            raise PackagerError(f"the exported graph has no tensor '{name}'; it has {names}") from None
         for axis, symbol in axes.items():
             got = tensor.dims[axis] if axis < len(tensor.dims) else None
             if got != symbol:

@@ -113,7 +113,8 @@ class Released:
     smoke: smoke.SmokeResult | None
 
 
-def package(recipe: Recipe, build_options: BuildOptions, release_options: ReleaseOptions) -> tuple[BuildFolder, Released]:
+def package(recipe: Recipe, build_options: BuildOptions,
+            release_options: ReleaseOptions) -> tuple[BuildFolder, Released]:
     built = build(recipe, build_options)
     return built, release(built, release_options)
 

@@ -231,7 +231,8 @@ class Optimize:
 def check_levels(device: str, levels: tuple[str, ...]) -> None:
     _check(bool(levels), f"{device}: name at least one level")
     for level in levels:
-        _check(level in LEVEL_DEVICES, f"{device}: unknown level '{level}'; known levels are {', '.join(LEVEL_DEVICES)}")
+        known = ", ".join(LEVEL_DEVICES)
+        _check(level in LEVEL_DEVICES, f"{device}: unknown level '{level}'; known levels are {known}")
         _check(device in LEVEL_DEVICES[level],
                f"{device}: level '{level}' is for {', '.join(LEVEL_DEVICES[level])}, not {device}")
 

@@ -330,11 +330,13 @@ def _check_spec(spec: IOSpec, serving: Serving) -> None:
     """Triton batching needs the batch axis first; inputs may have no other dynamic axis than the sequence."""
     for tensor in spec.inputs + spec.outputs:
         if not tensor.dims or tensor.dims[0] != BATCH:
-            raise PackagerError(f"tensor '{tensor.name}' dims {list(tensor.dims)}: Triton batching needs '{BATCH}' first")
+            raise PackagerError(
+                f"tensor '{tensor.name}' dims {list(tensor.dims)}: Triton batching needs '{BATCH}' first")
     for tensor in spec.inputs:
         other = [d for d in tensor.dims[1:] if isinstance(d, str) and d != SEQUENCE]
         if other:
-            raise PackagerError(f"input '{tensor.name}' has dynamic axes {other}: warmup and padding know only '{SEQUENCE}'")
+            raise PackagerError(
+                f"input '{tensor.name}' has dynamic axes {other}: warmup and padding know only '{SEQUENCE}'")
     if serving.text_input in spec.input_names + spec.output_names:
         raise UsageError(f"serving.text_input '{serving.text_input}' clashes with a tensor of the model")
 

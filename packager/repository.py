@@ -153,7 +153,8 @@ def _workspace(root: Path) -> Path:
     except OSError as exc:
         raise PackagerError(f"cannot create {root} and its staging folder {workspace}: {exc.strerror}") from None
     if workspace.stat().st_dev != root.stat().st_dev:
-        raise PackagerError(f"{root} is a mount point: publish stages in {root.parent}, which must be on its filesystem")
+        raise PackagerError(
+            f"{root} is a mount point: publish stages in {root.parent}, which must be on its filesystem")
     return workspace
 
 

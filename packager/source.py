@@ -53,7 +53,8 @@ def resolve_folder(source: Source) -> Path:
     try:
         return Path(snapshot_download(source.hub))
     except Exception as exc:  # offline hosts: HF_HUB_OFFLINE=1 and nothing cached
-        raise PackagerError(f"cannot fetch hub model '{source.hub}' (HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): {exc}") from None
+        offline = os.environ.get("HF_HUB_OFFLINE", "0")
+        raise PackagerError(f"cannot fetch hub model '{source.hub}' (HF_HUB_OFFLINE={offline}): {exc}") from None
 
 
 def weights_digest(folder: Path) -> str:

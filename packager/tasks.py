@@ -15,6 +15,7 @@ from transformers import AutoModel, AutoModelForSequenceClassification, PreTrain
 
 from packager.errors import PackagerError, UsageError
 from packager.iospec import BATCH, SEQUENCE
+from packager.recipe import TASK_NAMES
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,8 @@ class SentenceEmbedding(_Wrapper):
     def __init__(self, model: PreTrainedModel, input_names: list[str]):
         super().__init__(model, input_names)
         if "attention_mask" not in self.input_names:
-            raise PackagerError(f"the embeddings task pools with 'attention_mask', but the tokenizer gives {input_names}")
+            raise PackagerError(
+                f"the embeddings task pools with 'attention_mask', but the tokenizer gives {input_names}")
         self.mask_index = self.input_names.index("attention_mask")
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,6 +87,9 @@ TASKS: dict[str, Task] = {
         metric_output="logits",
     ),
 }
+
+
+assert tuple(TASKS) == TASK_NAMES, "every task the recipe schema knows has a row"
 
 
 def get_task(name: str) -> Task:

@@ -74,7 +74,8 @@ def make_batches(tokenizer: "PreTrainedTokenizerBase", spec: IOSpec, profile: Pr
     shortest = len(tokenizer("", truncation=False)["input_ids"])
     if profile.sequence.min < shortest:
         raise PackagerError(
-            f"profile sequence min {profile.sequence.min} is below the {shortest} tokens the tokenizer gives for an empty text"
+            f"profile sequence min {profile.sequence.min} is below the {shortest} tokens the tokenizer gives for an "
+            "empty text"
         )
     batches = []
     for index, (batch, sequence) in enumerate(
@@ -222,7 +223,8 @@ def compare_output(
             value = float((reference.argmax(-1) == candidate.argmax(-1)).mean())
             if value < tolerances.min_argmax_agreement:
                 reasons.append(f"argmax agreement {value:.3f} < {tolerances.min_argmax_agreement}")
-    return ParityRow(variant, name, batch.shape, max_abs, max_rel, metric, value, not reasons, "; ".join(reasons), worst_text)
+    return ParityRow(variant, name, batch.shape, max_abs, max_rel, metric, value, not reasons, "; ".join(reasons),
+                     worst_text)
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,8 @@ def test_served_embedding_equals_sentence_transformers(packaged):
     texts = list(validate.VALIDATION_TEXTS)
     expected = SentenceTransformer(str(folder), device="cpu").encode(texts, convert_to_numpy=True)
     tokenizer = packaged.model().tokenizer
-    encoded = tokenizer(texts, padding=True, truncation=True, max_length=recipe.profile.sequence.max, return_tensors="np")
+    encoded = tokenizer(texts, padding=True, truncation=True, max_length=recipe.profile.sequence.max,
+                        return_tensors="np")
     run = validate.onnxruntime_runner(packaged.level_path("plain"), packaged.spec)
     got = run({t.name: encoded[t.name].astype(t.numpy_dtype) for t in packaged.spec.inputs})["sentence_embedding"]
     assert got.shape == expected.shape
@@ -55,4 +56,5 @@ def test_a_perturbed_minilm_graph_fails_the_gate(packaged, tmp_path):
                                    recipe.gates.fp32)
     perturb_largest_weight(packaged.level_path("plain"), tmp_path / "bad.onnx", scale=0.2)
     with pytest.raises(GateFailed, match="parity gate failed for perturbed"):
-        validate.require_parity(validator.check("perturbed", validate.onnxruntime_runner(tmp_path / "bad.onnx", packaged.spec)))
+        bad = validate.onnxruntime_runner(tmp_path / "bad.onnx", packaged.spec)
+        validate.require_parity(validator.check("perturbed", bad))

@@ -216,16 +216,16 @@ def test_unfused_attention_is_a_warning_naming_the_cause(tiny_recipe_embeddings,
 
 def test_classifier_int8_search_ranks_nodes_by_logits(tiny_recipe_classifier, tmp_path):
     stage = make_stage(tiny_recipe_classifier, tmp_path)
-    result = stage.run(tmp_path / "levels", recipe=stage.changed({"int8": {"max_fp32_nodes": 2}}, int8={"max_abs": 0.0}))
+    recipe = stage.changed({"int8": {"max_fp32_nodes": 2}}, int8={"max_abs": 0.0})
+    result = stage.run(tmp_path / "levels", recipe=recipe)
     assert not result.level("int8").passed and result.chosen.name == "fused"
     assert result.level("int8").parity.rows[0].metric == "argmax"
 
 
-def test_recipe_optimize_section_and_levels_option():
+def test_recipe_optimize_section():
     recipe = load_recipe("bert")
     assert (recipe.optimize.cpu, recipe.optimize.gpu) == (("plain", "fused", "int8"), ("plain", "fused", "fp16"))
     assert recipe.gates.int8.max_abs == float("inf") and recipe.optimize.int8.max_fp32_nodes == 4
-    assert optimize.parse_levels_option("plain, fused") == ("plain", "fused")
 
 
 @pytest.mark.slow

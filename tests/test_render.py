@@ -172,7 +172,8 @@ def test_gpu_config_can_enable_the_tensorrt_accelerator_in_fp16(tiny):
     assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
     (accelerator,) = config.optimization.execution_accelerators.gpu_execution_accelerator
     assert accelerator.name == "tensorrt" and accelerator.parameters["precision_mode"] == "FP16"
-    assert not parse(tiny.render()["tiny_onnx"].config_text(1)).optimization.execution_accelerators.gpu_execution_accelerator
+    plain = parse(tiny.render()["tiny_onnx"].config_text(1))
+    assert not plain.optimization.execution_accelerators.gpu_execution_accelerator
 
 
 def test_tensorrt_config_uses_the_engines_profiles_by_index(tiny):
@@ -180,7 +181,8 @@ def test_tensorrt_config_uses_the_engines_profiles_by_index(tiny):
                                                 for n in tiny.spec.input_names}) for i in range(2))
     plan = TensorRTPlan(tiny.onnx.with_name("model.plan"), profiles, max_batch_size=2)
     recipe = tiny.recipe.override({"serving": {"targets": ["tensorrt"]}})
-    models = {m.name: m for m in render.render_repository(recipe, tiny.spec, Artifacts(tiny.onnx, tiny.tokenizer, plan))}
+    artifacts = Artifacts(tiny.onnx, tiny.tokenizer, plan)
+    models = {m.name: m for m in render.render_repository(recipe, tiny.spec, artifacts)}
     config = parse(models["tiny_tensorrt_plan"].config_text(1))
     assert config.platform == "tensorrt_plan" and config.max_batch_size == 2
     assert list(config.dynamic_batching.preferred_batch_size) == [2], "preferred sizes above the plan's max dropped"
@@ -380,7 +382,8 @@ def hugging_face_tokens(exported: Exported, texts: list[str]) -> dict[str, np.nd
 
 
 def test_served_ensemble_embeds_text_like_onnx_runtime(served, tiny):
-    texts = ["", "Ok.", "Où est la gare ? Je voudrais un café crème.", "Great job team 🎉🚀 see you tomorrow 👋"]
+    texts = ["", "Ok.", "Où est la gare ? Je voudrais un café crème.",
+             "Great job team 🎉🚀 see you tomorrow 👋"]
     result = _infer_texts(served, "tiny_python", texts)
     session = validate.onnxruntime_runner(tiny.onnx, tiny.spec)
     longest = max(len(tiny.tokenizer(t)["input_ids"]) for t in texts)

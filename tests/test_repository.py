@@ -368,7 +368,8 @@ def assert_killed_publish_is_undone(root: Path, before: dict[str, str], moved: b
 
 
 @pytest.mark.parametrize("scenario, moves", [("next version, two new models", 8), ("forced replacement", 6)])
-def test_a_publish_killed_at_any_point_leaves_the_repository_exactly_as_it_was(exported, root, tmp_path, scenario, moves):
+def test_a_publish_killed_at_any_point_leaves_the_repository_exactly_as_it_was(exported, root, tmp_path, scenario,
+                                                                               moves):
     publish(root, exported, PYTHON_ONLY, build="original")
     forced = scenario == "forced replacement"
     spec = dataclasses.asdict(exported[1])

@@ -129,7 +129,7 @@ def test_tiny_model_builds_with_two_profiles_matching_the_io_spec_and_recipe(tin
     assert result.network == tensorrt.engine_dims(model.spec)
     assert [t.dtype for t in result.network.inputs] == [t.dtype for t in model.spec.inputs]  # IO types kept in fp16
     assert built_profiles(result) == tiny_expected_profiles(model.spec)
-    assert result.triton_profiles == ["0", "1"]
+    assert [p.index for p in result.profiles] == [0, 1]
     assert result.rows()[0] == ["0 short", model.spec.input_names[0], "1x2", "2x8", "4x16"]
     assert result.engine_path is None and not (tmp_path / tensorrt.ENGINE_FILE).exists()
     facts = result.facts

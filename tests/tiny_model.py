@@ -19,7 +19,9 @@ WORDS = (
     "document far longer than maximum sequence length numbers like are tokenized into several pieces def export "
     "model return torch onnx args great job team see you tomorrow"
 ).split()
-CHARACTERS = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-:()=_") + ["##" + c for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+CHARACTERS = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-:()=_") + [
+    "##" + c for c in "abcdefghijklmnopqrstuvwxyz0123456789"
+]
 
 
 def write_tiny_bert(folder: Path, task: str = "embeddings", seed: int = 0) -> Path:

@@ -123,7 +123,8 @@ def optimize(
     results = [_build_and_gate(inputs, name) for name in names]
     passing = [result for result in results if result.passed]
     if not passing:
-        raise GateFailed("no optimization level passed its gate: " + "; ".join(f"{r.name}: {r.reason}" for r in results))
+        reasons = "; ".join(f"{r.name}: {r.reason}" for r in results)
+        raise GateFailed(f"no optimization level passed its gate: {reasons}")
     order = SPEED_ORDER[device]
     chosen = min(passing, key=lambda result: order.index(result.name))
     failed_faster = [r for r in results if not r.passed and order.index(r.name) < order.index(chosen.name)]
@@ -160,11 +161,3 @@ def _build(inputs: LevelInputs, name: str) -> LevelGraph:
             _build(inputs, base)
         inputs.built[name] = LEVELS[name].build(inputs)
     return inputs.built[name]
-
-
-def parse_levels_option(text: str) -> tuple[str, ...]:
-    """A --levels value: comma-separated level names."""
-    names = tuple(name.strip() for name in text.split(",") if name.strip())
-    if not names:
-        raise UsageError("--levels needs at least one level, e.g. --levels plain,fused,int8")
-    return names

@@ -12,7 +12,9 @@ from packager.optimize.base import LevelGraph, LevelInputs, quiet
 # Ops kept in fp32 in an fp16 graph: normalisation, softmax and the reductions/divisions of the pooling, whose
 # sums and small denominators (clamp at 1e-9) lose too much in fp16. The fused LayerNorm/Attention contrib ops
 # accumulate in fp32 internally and stay fp16.
-FP16_KEEP_FP32_OPS = ("LayerNormalization", "Softmax", "ReduceMean", "ReduceSum", "ReduceL2", "Pow", "Sqrt", "Div", "Clip")
+FP16_KEEP_FP32_OPS = (
+    "LayerNormalization", "Softmax", "ReduceMean", "ReduceSum", "ReduceL2", "Pow", "Sqrt", "Div", "Clip",
+)
 
 
 def fp16_graph(src: Path, dst: Path) -> Path:

@@ -9,7 +9,9 @@ from packager.source import LoadedModel
 
 FUSED_ATTENTION_OPS = ("Attention", "MultiHeadAttention")
 # Hugging Face model_type -> ONNX Runtime optimizer model_type; others are tried as "bert".
-OPTIMIZER_MODEL_TYPES = {"bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "distilbert": "bert", "electra": "bert"}
+OPTIMIZER_MODEL_TYPES = {
+    "bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "distilbert": "bert", "electra": "bert",
+}
 
 
 def build_plain(inputs: LevelInputs) -> LevelGraph:
@@ -26,7 +28,8 @@ def build_fused(inputs: LevelInputs) -> LevelGraph:
         with quiet():
             optimized = optimize_model(
                 str(inputs.exported.path), model_type=OPTIMIZER_MODEL_TYPES.get(model_type, "bert"),
-                num_heads=getattr(model_config, "num_attention_heads", 0), hidden_size=getattr(model_config, "hidden_size", 0),
+                num_heads=getattr(model_config, "num_attention_heads", 0),
+                hidden_size=getattr(model_config, "hidden_size", 0),
                 opt_level=0,
             )
     except Exception as exc:

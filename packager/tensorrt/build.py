@@ -42,11 +42,6 @@ class EngineResult:
     facts: EngineFacts | None = None
     stats: EngineStats | None = None
 
-    @property
-    def triton_profiles(self) -> list[str]:
-        """The profile indices for the Triton config's instance_group { profile: [...] }."""
-        return [str(p.index) for p in self.profiles]
-
     def rows(self) -> list[list[str]]:
         """Table rows: profile, input, min, opt, max."""
         def text(shape):

@@ -49,10 +49,12 @@ class Reference:
             self._answers[key] = self.runner(self.tokenize(texts).inputs)
         return self._answers[key]
 
-    def compare(self, batch: ValidationBatch, expected: Outputs, served: Outputs, tolerances: Tolerances) -> tuple[bool, str]:
+    def compare(self, batch: ValidationBatch, expected: Outputs, served: Outputs,
+                tolerances: Tolerances) -> tuple[bool, str]:
         """Every output within tolerance (validate.compare_output); the detail names the worst difference."""
         rows = [
-            validate.compare_output("served", self.task, self.spec, name, batch, expected[name], served[name], tolerances)
+            validate.compare_output(
+                "served", self.task, self.spec, name, batch, expected[name], served[name], tolerances)
             for name in self.spec.output_names
             if name in served
         ]
@@ -62,7 +64,8 @@ class Reference:
         metric = next((f", {row.metric} {row.metric_value:.6f}" for row in rows if row.metric), "")
         return True, f"max |Δ| {max(row.max_abs for row in rows):.2g}{metric}"
 
-    def invariant(self, batch: ValidationBatch, alone: Outputs, together: Outputs, tolerance: float) -> tuple[bool, str]:
+    def invariant(self, batch: ValidationBatch, alone: Outputs, together: Outputs,
+                  tolerance: float) -> tuple[bool, str]:
         """A request's answer sent alone against the same request joined with others: equal within `tolerance`."""
         differences = {name: validate.batch_difference(self.spec, name, batch, alone[name], together[name], 0)
                        for name in self.spec.output_names if name in alone}

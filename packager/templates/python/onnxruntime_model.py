@@ -59,7 +59,9 @@ class TritonPythonModel:
     def _join(self, batches):
         """Pad every request to the longest sequence and stack them along the batch axis."""
         length = max(self._length(batch) for batch in batches)
-        return {name: np.concatenate([self._pad(name, batch[name], length) for batch in batches]) for name in self.inputs}
+        return {
+            name: np.concatenate([self._pad(name, batch[name], length) for batch in batches]) for name in self.inputs
+        }
 
     def _pad(self, name, value, length):
         axis = self.sequence_axes.get(name)
@@ -85,7 +87,8 @@ class TritonPythonModel:
 
     @staticmethod
     def _respond(outputs):
-        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(name, value) for name, value in outputs.items()])
+        tensors = [pb_utils.Tensor(name, value) for name, value in outputs.items()]
+        return pb_utils.InferenceResponse(output_tensors=tensors)
 
 
 def session_options(config):
