@@ -202,13 +202,18 @@ class Serving:
 
 @dataclass(frozen=True)
 class Int8Settings:
-    per_channel: bool = True  # per-output-channel weight scales (worst cosine 0.95 vs 0.85 per-tensor on MiniLM)
-    smooth: bool = True  # move activation outliers into the weights before quantizing
-    max_residual_nodes: int = 4  # most MatMul nodes the search may give a weight residual (tried first: cheaper)
-    max_fp32_nodes: int = 4  # most MatMul/Attention nodes the search may keep in fp32
+    """Static int8 (packager.optimize.int8): calibrated constant activation scales, per-column weights."""
+
+    weight_bits: Literal[7, 8] = 7  # 7: codes in [-64, 64], no u8s8 saturation, the same on every x86 class
+    smooth: bool = True  # move activation outliers into the weights (chosen per node)
+    max_outlier_channels: int = 8  # per MatMul: activation channels computed in fp32 instead (0, 1, 2, 4 or 8)
+    ffn_residuals: bool = True  # the feed-forward MatMuls get a second int8 product on their weight residual
+    max_residual_nodes: int = 6  # when the gate fails: more MatMuls get a residual, most sensitive first
+    max_fp32_nodes: int = 4  # then the most sensitive MatMul/Attention nodes stay fp32, one more at a time
 
     def __post_init__(self):
-        _check(self.max_residual_nodes >= 0 and self.max_fp32_nodes >= 0, "node limits must be >= 0")
+        _check(min(self.max_outlier_channels, self.max_residual_nodes, self.max_fp32_nodes) >= 0,
+               "max_outlier_channels, max_residual_nodes and max_fp32_nodes must be >= 0")
 
 
 @dataclass(frozen=True)

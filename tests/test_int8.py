@@ -1,0 +1,153 @@
+"""The int8 level: static activation scales (batch-invariant by construction), 7-bit weights (the same integers on
+every x86 class), outlier channels, weight residuals and the search, on the tiny models with real ONNX Runtime.
+
+The assertions are about mechanisms (what the graph holds, what the search tried, what the gate decided), never a
+threshold next to today's measured accuracy."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from packager.cpu import CPU_CLASSES, cpu_class
+from packager.optimize import int8
+from packager.optimize.calibration import calibration_texts
+from packager.optimize.int8_plan import activation_range, plan_node, weight_codes
+from packager.validate import VALIDATION_TEXTS
+from tests.test_optimize import make_stage
+
+INT8_KERNELS = ("MatMulIntegerToFloat", "QAttention")
+
+
+@pytest.fixture(scope="module")
+def embeddings(tiny_recipe_embeddings, tmp_path_factory):
+    return make_stage(tiny_recipe_embeddings, tmp_path_factory.mktemp("export"))
+
+
+def run_int8(stage, tmp_path, settings: dict | None = None, **gate):
+    """The int8 level (and fused, so that a failing int8 still leaves a level to ship), with [optimize.int8]
+    settings and [gates.int8] keys."""
+    recipe = stage.changed({"cpu": ["fused", "int8"], "int8": settings or {}}, int8=gate)
+    return stage.run(tmp_path, recipe=recipe).level("int8")
+
+
+@pytest.fixture(scope="module")
+def default_int8(embeddings, tmp_path_factory):
+    return run_int8(embeddings, tmp_path_factory.mktemp("int8"))
+
+
+def graph_of(level) -> onnx.GraphProto:
+    return onnx.load(str(level.path)).graph
+
+
+def int8_weights(graph: onnx.GraphProto) -> list[np.ndarray]:
+    """The weight codes every int8 kernel multiplies with (residual products included)."""
+    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    return [constants[node.input[1]] for node in graph.node if node.op_type in INT8_KERNELS]
+
+
+def test_activation_scales_are_constants_so_answers_do_not_depend_on_batch_mates(default_int8):
+    graph = graph_of(default_int8)
+    ops = [node.op_type for node in graph.node]
+    assert "DynamicQuantizeLinear" not in ops and "MatMulInteger" not in ops
+    constants = {init.name for init in graph.initializer}
+    quantizers = [node for node in graph.node if node.op_type == "QuantizeLinear"]
+    assert quantizers and all(node.input[1] in constants and node.input[2] in constants for node in quantizers)
+    assert default_int8.invariance.passed and default_int8.invariance.max_abs <= 1e-5, default_int8.invariance.reason
+
+
+def test_seven_bit_weights_cannot_saturate_so_the_gate_holds_on_every_x86_class(default_int8):
+    weights = int8_weights(graph_of(default_int8))
+    assert weights and all(w.dtype == np.int8 and np.abs(w.astype(np.int32)).max() <= 64 for w in weights)
+    assert default_int8.valid_for is None  # every class: 2 * 255 * 64 = 32640 fits the 16-bit pair sums
+    assert set(CPU_CLASSES) == {"avx2", "avx512", "avx512-vnni"}
+
+
+def test_eight_bit_weights_hold_only_on_the_class_that_gated_them(embeddings, tmp_path):
+    level = run_int8(embeddings, tmp_path, {"weight_bits": 8}, max_invariance=float("inf"), min_cosine=-1.0,
+                     min_argmax_agreement=0.0)
+    assert max(np.abs(w.astype(np.int32)).max() for w in int8_weights(graph_of(level))) == 127
+    assert level.valid_for == (cpu_class(),)
+
+
+def test_the_feed_forward_matmuls_get_a_weight_residual(default_int8):
+    graph = graph_of(default_int8)
+    residuals = [node for node in graph.node if node.name.endswith("_residual_int8")]
+    assert len(residuals) == 4  # two layers, each with its up and down projection
+    assert all(node.op_type == "MatMulIntegerToFloat" for node in residuals)
+
+
+def attempts(monkeypatch) -> list[int8.Choice]:
+    """Record every choice the int8 level writes a graph for."""
+    seen, write = [], int8.write
+
+    def recording(model, plans, choice, bits, path):
+        seen.append(choice)
+        return write(model, plans, choice, bits, path)
+
+    monkeypatch.setattr(int8, "write", recording)
+    return seen
+
+
+def test_the_search_adds_weight_residuals_before_it_keeps_nodes_in_fp32(embeddings, tmp_path, monkeypatch):
+    seen = attempts(monkeypatch)
+    level = run_int8(embeddings, tmp_path, {"max_residual_nodes": 2, "max_fp32_nodes": 2}, min_cosine=1.0)
+    assert not level.passed  # a cosine of exactly 1 is out of reach: the search runs to its limits
+    planned, *searched, restored = seen
+    assert [len(c.residual) - len(planned.residual) for c in searched] == [1, 2, 2, 2]
+    assert [len(c.fp32) for c in searched] == [0, 0, 1, 2]
+    assert restored == planned and "search: failed the gate with up to 2 more weight residual(s)" in level.notes[1]
+
+
+def test_the_search_keeps_the_nodes_that_lose_most_in_fp32_until_the_gate_passes(embeddings, tmp_path, monkeypatch):
+    """A gate only the fp32 graph meets: the search ends with every int8 node kept in fp32, the fused graph again."""
+    seen = attempts(monkeypatch)
+    level = run_int8(embeddings, tmp_path, {"max_residual_nodes": 0, "max_fp32_nodes": 8}, max_abs=1e-4)
+    assert level.passed, level.reason
+    kept = seen[-1].fp32
+    assert kept and [len(choice.fp32) for choice in seen[1:]] == list(range(1, len(kept) + 1))
+    remaining = {node.name for node in graph_of(level).node if node.op_type in INT8_KERNELS}
+    assert not any(name.startswith(tuple(kept)) for name in remaining)
+
+
+def test_the_classifier_is_gated_on_argmax(tiny_recipe_classifier, tmp_path):
+    stage = make_stage(tiny_recipe_classifier, tmp_path)
+    level = run_int8(stage, tmp_path / "levels")
+    assert {row.metric for row in level.parity.rows if row.metric} == {"argmax"}
+    assert level.invariance.max_abs <= 1e-5
+
+
+def test_calibration_text_is_fixed_varied_and_never_the_validation_text():
+    texts = calibration_texts()
+    assert texts == calibration_texts() and len(texts) >= 300
+    assert not set(texts) & set(VALIDATION_TEXTS) and all(text.strip() for text in texts)
+    assert any(len(text) > 1000 for text in texts) and any(not text.isascii() for text in texts)
+
+
+@pytest.mark.parametrize("bits, limit", [(7, 64), (8, 127)])
+def test_weight_codes_are_symmetric_per_output_column(bits, limit):
+    weight = np.random.default_rng(0).normal(size=(16, 5)).astype(np.float32) * np.arange(1, 6, dtype=np.float32)
+    codes, scale = weight_codes(weight, bits)
+    assert (np.abs(codes).max(axis=0) == limit).all() and scale.shape == (5,)
+    assert np.abs(codes * scale - weight).max() <= scale.max() / 2 + 1e-6
+
+
+@pytest.mark.parametrize("low, high", [(0.5, 3.0), (-2.0, -0.5), (-1.0, 1.0)])
+def test_an_activation_range_covers_its_values_and_zero_exactly(low, high):
+    scale, zero = activation_range(low, high)
+    assert 0 <= zero <= 255
+    for value in (low, high, 0.0):
+        code = round(value / scale) + zero
+        assert 0 <= code <= 255 and abs((code - zero) * scale - value) <= scale / 2 + 1e-7
+
+
+def test_a_channel_far_above_the_rest_is_left_out_of_the_int8_product():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(512, 32)).astype(np.float32)
+    x[:8, 5] = 200.0  # a few tokens carry one huge channel, as MiniLM's [CLS] does
+    weight = rng.normal(size=(32, 16)).astype(np.float32)
+    split = plan_node("m", "MatMul", x, weight, bits=7, smooth=False, max_outliers=8)
+    whole = plan_node("m", "MatMul", x, weight, bits=7, smooth=False, max_outliers=0)
+    assert 5 in split.outliers and split.error < whole.error / 2
