@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _write_log(text: str) -> Path:
     """Keep what does not fit in one line in a log file; return its path."""
-    folder = Path(tempfile.gettempdir()) / "packager"
+    folder = Path(tempfile.gettempdir()) / "triton-packager-logs"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"error-{os.getpid()}.log"
     path.write_text(text)

@@ -440,10 +440,10 @@ def _fail(server: TritonServer, reason: str) -> NoReturn:
 
 
 def kept_log(server: TritonServer) -> Path | None:
-    """A copy of the server's log in the temporary folder's packager/ (the launcher removes its own on stop)."""
+    """A copy of the server's log in $TMPDIR/triton-packager-logs/ (the launcher removes its own on stop)."""
     if server.log_path is None or not server.log_path.exists():
         return None
-    folder = Path(tempfile.gettempdir()) / "packager"
+    folder = Path(tempfile.gettempdir()) / "triton-packager-logs"
     folder.mkdir(parents=True, exist_ok=True)
     copy = folder / f"tritonserver-{os.getpid()}-{int(time.time())}.log"
     shutil.copyfile(server.log_path, copy)
