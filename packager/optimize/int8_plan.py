@@ -17,7 +17,7 @@ from onnx import TensorProto, helper
 
 SMOOTHING_ALPHAS = (None, 0.7, 0.8, 0.9, 1.0)  # None: no smoothing
 OUTLIER_COUNTS = (0, 1, 2, 4, 8)  # activation channels a MatMul may leave out of its int8 product
-SEARCH_ROWS = 1024  # calibration rows the choices are simulated on (plus each top channel's extreme rows)
+SEARCH_ROWS = 512  # calibration rows the choices are simulated on (plus each top channel's extreme rows)
 SEED = 0
 
 
