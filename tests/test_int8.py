@@ -6,10 +6,15 @@ threshold next to today's measured accuracy."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from packager.cpu import CPU_CLASSES, cpu_class
 from packager.optimize import int8
@@ -151,3 +156,57 @@ def test_a_channel_far_above_the_rest_is_left_out_of_the_int8_product():
     split = plan_node("m", "MatMul", x, weight, bits=7, smooth=False, max_outliers=8)
     whole = plan_node("m", "MatMul", x, weight, bits=7, smooth=False, max_outliers=0)
     assert 5 in split.outliers and split.error < whole.error / 2
+
+
+# ---- every x86 class computes the same integers: checked under AVX2 emulation (qemu-x86_64 -cpu Haswell) ----------
+
+QEMU = shutil.which("qemu-x86_64")
+RUN_GRAPH = """
+import sys, numpy as np, onnxruntime as ort
+session = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+inputs = dict(np.load(sys.argv[2]))
+np.savez(sys.argv[3], *session.run(None, {i.name: inputs[i.name] for i in session.get_inputs()}))
+"""
+
+
+def run_graph(graph: Path, inputs: dict[str, np.ndarray], folder: Path, avx2: bool) -> list[np.ndarray]:
+    """The graph's outputs from ONNX Runtime, natively or on an emulated AVX2-only CPU (no AVX-512, no VNNI)."""
+    np.savez(folder / "inputs.npz", **inputs)
+    out = folder / ("avx2.npz" if avx2 else "native.npz")
+    command = [sys.executable, "-c", RUN_GRAPH, str(graph), str(folder / "inputs.npz"), str(out)]
+    subprocess.run(([QEMU, "-cpu", "Haswell"] if avx2 else []) + command, check=True, capture_output=True)
+    saved = np.load(out)
+    return [saved[f"arr_{index}"] for index in range(len(saved.files))]
+
+
+def saturating_matmul(bits: int, path: Path) -> Path:
+    """x @ w in int8 with every weight code at the limit of `bits`: the largest pair sums int8 kernels can see."""
+    codes, scale = weight_codes(np.ones((64, 8), np.float32), bits)
+    node = helper.make_node("MatMulIntegerToFloat", ["x", "w", "x_scale", "w_scale", "x_zero"], ["y"],
+                            domain="com.microsoft")
+    constants = [numpy_helper.from_array(codes, "w"), numpy_helper.from_array(scale, "w_scale"),
+                 numpy_helper.from_array(np.array(1.0, np.float32), "x_scale"),
+                 numpy_helper.from_array(np.array(0, np.uint8), "x_zero")]
+    graph = helper.make_graph([node], "saturation", [helper.make_tensor_value_info("x", TensorProto.UINT8, [None, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 8])], initializer=constants)
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    onnx.save(helper.make_model(graph, opset_imports=opsets), str(path))
+    return path
+
+
+@pytest.mark.skipif(QEMU is None, reason="needs qemu-x86_64 (Debian's qemu-user; .ci/run installs it)")
+def test_avx2_saturates_eight_bit_weights_but_computes_seven_bit_weights_exactly(tmp_path):
+    """u8 255 x s8 127 pair sums (64770) overflow AVX2's 16-bit vpmaddubsw; with 7-bit codes (32640) they fit."""
+    x = {"x": np.full((2, 64), 255, np.uint8)}
+    for bits, same in ((8, False), (7, True)):
+        graph = saturating_matmul(bits, tmp_path / f"w{bits}.onnx")
+        (native,), (avx2,) = run_graph(graph, x, tmp_path, avx2=False), run_graph(graph, x, tmp_path, avx2=True)
+        assert np.array_equal(native, avx2) == same, (bits, native[0, 0], avx2[0, 0])
+
+
+@pytest.mark.skipif(QEMU is None, reason="needs qemu-x86_64 (Debian's qemu-user; .ci/run installs it)")
+def test_the_int8_graph_answers_the_same_on_an_avx2_machine(default_int8, embeddings, tmp_path):
+    batch = embeddings.validator.batches[-1]
+    native = run_graph(default_int8.path, batch.inputs, tmp_path, avx2=False)
+    avx2 = run_graph(default_int8.path, batch.inputs, tmp_path, avx2=True)
+    assert max(float(np.abs(a - b).max()) for a, b in zip(native, avx2)) <= 1e-5  # fp32 kernel noise only
