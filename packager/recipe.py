@@ -147,7 +147,7 @@ class Gates:
     (LEVEL_GATES, ENGINE_GATES), and the manifest names the gate every published graph passed."""
 
     fp32: Tolerances = Tolerances()  # the export, plain and fused graphs, fp32 engines
-    int8: Tolerances = Tolerances(max_abs=math.inf, min_cosine=0.995, min_argmax_agreement=0.99, max_invariance=1e-3)
+    int8: Tolerances = Tolerances(max_abs=math.inf, min_cosine=0.995, min_argmax_agreement=0.99, max_invariance=1e-4)
     fp16: Tolerances = Tolerances(max_abs=2e-2, min_cosine=0.9999, min_argmax_agreement=1.0, max_invariance=1e-3)
 
     def for_level(self, level: str) -> tuple[str, Tolerances]:
