@@ -38,14 +38,24 @@ IMPERATIVES = ["Turn off the lights when you leave.", "Send the slides to the wh
 CHAT = ["lol that was amazing 😂😂", "brb 5 min", "thx!!", "omg yes 🙌", "can't wait 🎂🎈", "nope.", "sure, why not",
         "ugh mondays 😩", "see u at 7?", "👍", "gg wp", "hmm... not sure about that 🤔", "Happy birthday!!! 🥳🎁",
         "meeting moved to 3pm ⏰", "ok cool", "yes", "no", "hi", "Thanks.", "?", "...", "!!!", "A", "42"]
-TECH = ["pip install --upgrade numpy==2.1.3", "SELECT name, COUNT(*) FROM users GROUP BY name HAVING COUNT(*) > 1;",
-        "for i in range(10): print(i ** 2)", "git rebase -i HEAD~3 && git push --force-with-lease",
-        "docker run --rm -p 8000:8000 tritonserver:24.10-py3", "const x = arr.map(v => v * 2).filter(Boolean);",
-        "ERROR 2026-03-14T09:26:53Z worker-3 OOMKilled (exit code 137)", "https://example.org/docs/v2/index.html?q=tensor",
-        "contact: jane.doe@example.com, +44 20 7946 0958", "Version 3.11.4 fixes CVE-2024-12345 and bumps OpenSSL to 3.0.13",
-        "The invoice total is $1,299.99 (VAT 20% included), due 15/07/2027.", "Temperature: -3.5 °C, humidity 87 %, wind 24 km/h NW",
-        "std::vector<int> v{1, 2, 3}; v.push_back(4);", "kubectl get pods -n prod | grep CrashLoopBackOff",
-        "Matrix A is 384×1536; B is 1536×384; C = A·B has 147,456 entries.", "ISBN 978-3-16-148410-0, pp. 233–241"]
+TECH = [
+    'pip install --upgrade numpy==2.1.3',
+    'SELECT name, COUNT(*) FROM users GROUP BY name HAVING COUNT(*) > 1;',
+    'for i in range(10): print(i ** 2)',
+    'git rebase -i HEAD~3 && git push --force-with-lease',
+    'docker run --rm -p 8000:8000 tritonserver:24.10-py3',
+    'const x = arr.map(v => v * 2).filter(Boolean);',
+    'ERROR 2026-03-14T09:26:53Z worker-3 OOMKilled (exit code 137)',
+    'https://example.org/docs/v2/index.html?q=tensor',
+    'contact: jane.doe@example.com, +44 20 7946 0958',
+    'Version 3.11.4 fixes CVE-2024-12345 and bumps OpenSSL to 3.0.13',
+    'The invoice total is $1,299.99 (VAT 20% included), due 15/07/2027.',
+    'Temperature: -3.5 °C, humidity 87 %, wind 24 km/h NW',
+    'std::vector<int> v{1, 2, 3}; v.push_back(4);',
+    'kubectl get pods -n prod | grep CrashLoopBackOff',
+    'Matrix A is 384×1536; B is 1536×384; C = A·B has 147,456 entries.',
+    'ISBN 978-3-16-148410-0, pp. 233–241',
+]
 FOREIGN = ["Le chat dort sur le canapé depuis ce matin.", "Nous partirons en vacances à la montagne en août.",
            "Ich habe meinen Regenschirm im Büro vergessen.", "Die Besprechung wurde auf nächste Woche verschoben.",
            "¿Dónde está la biblioteca más cercana?", "Mañana vamos a cocinar paella con mis abuelos.",
@@ -79,9 +89,11 @@ def generate(count: int = 320, seed: int = 20261130) -> list[str]:
         texts.append(f"{rng.choice(FOREIGN)} {rng.choice(CHAT)}")
     # long documents (> 256 tokens: truncated) and medium paragraphs (40-150 tokens)
     for _ in range(12):
-        texts.append(" ".join(rng.choice(PARAGRAPH_SEEDS + [_sentence(rng) for _ in range(4)]) for _ in range(rng.randint(25, 40))))
+        parts = rng.randint(25, 40)
+        texts.append(" ".join(rng.choice(PARAGRAPH_SEEDS + [_sentence(rng) for _ in range(4)]) for _ in range(parts)))
     for _ in range(30):
-        texts.append(" ".join(_sentence(rng) if rng.random() < 0.6 else rng.choice(PARAGRAPH_SEEDS) for _ in range(rng.randint(2, 8))))
+        parts = rng.randint(2, 8)
+        texts.append(" ".join(_sentence(rng) if rng.random() < 0.6 else rng.choice(PARAGRAPH_SEEDS) for _ in range(parts)))
     while len(texts) < count:
         kind = rng.random()
         if kind < 0.55:
