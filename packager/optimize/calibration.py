@@ -93,7 +93,8 @@ def generate(count: int = 320, seed: int = 20261130) -> list[str]:
         texts.append(" ".join(rng.choice(PARAGRAPH_SEEDS + [_sentence(rng) for _ in range(4)]) for _ in range(parts)))
     for _ in range(30):
         parts = rng.randint(2, 8)
-        texts.append(" ".join(_sentence(rng) if rng.random() < 0.6 else rng.choice(PARAGRAPH_SEEDS) for _ in range(parts)))
+        texts.append(" ".join(_sentence(rng) if rng.random() < 0.6 else rng.choice(PARAGRAPH_SEEDS)
+                              for _ in range(parts)))
     while len(texts) < count:
         kind = rng.random()
         if kind < 0.55:
