@@ -10,7 +10,6 @@ from __future__ import annotations
 import http.client
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import closing, contextmanager, suppress
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn, Protocol
@@ -33,6 +32,7 @@ from tritonclient.utils import InferenceServerException
 
 from packager.errors import PackagerError, UsageError
 from packager.triton import LAUNCHER_NAMES
+from packager.triton.process import spawn, stop_process
 
 DOCKER_IMAGE_ENV = "TRITON_DOCKER_IMAGE"
 # The NGC release line of the tritonserver (2.51.0) in nvidia-pytriton 0.7.
@@ -134,12 +134,12 @@ class LocalLauncher:
             *SERVER_FLAGS,
             *CPU_FLAGS,
         ]
-        process = _spawn(command, self._log_path, self._environment())
+        process = spawn(command, self._log_path, self._environment())
         return TritonServer(f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", self._log_path, process)
 
     def stop(self, server: TritonServer, timeout_s: float) -> None:
         try:
-            _stop_process(server.process, timeout_s)
+            stop_process(server.process, timeout_s)
         finally:
             self._tempdir.cleanup()
 
@@ -192,13 +192,13 @@ class DockerLauncher:
         http, grpc, metrics = _free_ports(3)
         ports = {"http": http, "grpc": grpc, "metrics": metrics}
         command = docker_command(repository, image=self.image, container=self._container, ports=ports, gpus=self.gpus)
-        process = _spawn(command, self._log_path, dict(os.environ))
+        process = spawn(command, self._log_path, dict(os.environ))
         return TritonServer(f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", self._log_path, process)
 
     def stop(self, server: TritonServer, timeout_s: float) -> None:
         """SIGINT reaches the container through `docker run`; `docker rm -f` covers a client killed early."""
         try:
-            _stop_process(server.process, timeout_s)
+            stop_process(server.process, timeout_s)
         finally:
             subprocess.run(["docker", "rm", "-f", self._container], capture_output=True, check=False)
             self._tempdir.cleanup()
@@ -374,53 +374,6 @@ def _bind_flags(address: str, http: int, grpc: int, metrics: int) -> list[str]:
         f"--grpc-address={address}", f"--grpc-port={grpc}",
         f"--metrics-address={address}", f"--metrics-port={metrics}",
     ]  # fmt: skip
-
-
-def _spawn(command: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen:
-    """Start `command` in its own process group (Ctrl-C in the terminal does not reach it), output to the log.
-
-    On Linux the server is killed when the packager dies, even by SIGKILL (PR_SET_PDEATHSIG): no server outlives
-    the run that started it.
-    """
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("wb") as log:
-        try:
-            return subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                start_new_session=True, preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-            )
-        except FileNotFoundError:
-            raise PackagerError(f"{command[0]} does not exist: reinstall it (for the local launcher: "
-                                "pip install nvidia-pytriton, as `make` does)") from None
-        except PermissionError:
-            raise PackagerError(f"{command[0]} is not executable: check its permissions (chmod +x)") from None
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: ask the kernel for SIGKILL when the parent thread dies."""
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-
-
-def _stop_process(process: subprocess.Popen | None, timeout_s: float) -> None:
-    """SIGINT to the process group; SIGKILL to what is left of it after `timeout_s` or an interrupted wait."""
-    if process is None:
-        return
-    try:
-        if process.poll() is None:
-            _signal_group(process, signal.SIGINT)
-            with suppress(subprocess.TimeoutExpired):
-                process.wait(timeout_s)
-    finally:
-        _signal_group(process, signal.SIGKILL)  # also python backend stubs left by a server that crashed
-        process.wait()
-
-
-def _signal_group(process: subprocess.Popen, signum: signal.Signals) -> None:
-    with suppress(ProcessLookupError):
-        os.killpg(process.pid, signum)
 
 
 def _check_still_starting(server: TritonServer, deadline: float, state: str) -> None:
