@@ -104,8 +104,11 @@ def publish(
         chosen = _choose_version(root, [m.name for m in models], version, force)
         transaction = Path(tempfile.mkdtemp(prefix="txn-", dir=workspace))
         try:
-            moves = _stage(root, transaction, models, chosen, release, gates)
-            _write_journal(transaction, moves)
+            try:
+                moves = _stage(root, transaction, models, chosen, release, gates)
+                _write_journal(transaction, moves)
+            except OSError as exc:  # e.g. a full disk: nothing has moved yet
+                raise PackagerError(f"cannot stage version {chosen} in {workspace}: {exc.strerror or exc}") from None
             for move in moves:
                 _apply(move)
             (transaction / COMMITTED_FILE).touch()

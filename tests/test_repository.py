@@ -12,12 +12,13 @@ import fcntl
 import hashlib
 import importlib.util
 import json
+import random
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-from contextlib import closing
+from contextlib import closing, suppress
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +87,7 @@ PUBLISHER = textwrap.dedent('''
         stop_after_moves(job["stop"], job["marker"])
     models = [Prepared(m["name"], {k: Path(v) for k, v in m["files"].items()}, m["configs"]) for m in job["models"]]
     release = sample_release(IOSpec.from_dict(job["spec"]), {"name": "tiny", "publisher": job["publisher"]})
+    Path(job["marker"] + ".ready").write_text("publishing")
     result = repository.publish(job["root"], models, release, {}, job["version"], job["force"])
     print(f"published version {result.version}", flush=True)
 ''')
@@ -417,3 +419,66 @@ def test_recover_on_a_clean_repository_does_nothing(exported, root):
     publish(root, exported, PYTHON_ONLY)
     before = tree(root)
     assert repository.recover(root) == 0 and tree(root) == before
+
+
+def test_publishes_killed_at_random_moments_leave_a_repository_a_live_server_loads(exported, root, tmp_path):
+    """20 publishers killed with SIGKILL at random moments of their publish, each followed by the next publish:
+    every version on disk stays whole, and after a last normal publish the real tritonserver serves the newest."""
+    pytest.importorskip("pytriton", reason="the local launcher needs nvidia-pytriton")
+    publish(root, exported, PYTHON_ONLY)
+    models = prepare(exported, PYTHON_ONLY, tmp_path / "prepared")
+    spec = dataclasses.asdict(exported[1])
+    rng = random.Random(20261130)
+    for attempt in range(20):
+        process, marker = start_publisher(tmp_path, root, models, f"killed{attempt}", spec=spec)
+        ready = Path(f"{marker}.ready")
+        while not ready.exists() and process.poll() is None:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0, 0.4))
+        kill(process)
+        ready.unlink(missing_ok=True)
+        for model in root.iterdir():
+            parse(model / repository.CONFIG_FILE)
+            assert all(complete(model / str(v)) for v in repository.versions(model)), f"{model.name} half-written"
+    final = publish(root, exported, PYTHON_ONLY)
+    assert not list(workspace(root).glob("txn-*")), "the last publish cleared what the killed ones left"
+    with serve("local", root, ready_timeout_s=60) as server:
+        loaded = load_models(server, ["tiny_python"])["tiny_python"]
+        assert loaded.ok, loaded.error
+        text = httpclient.InferInput("text", [1, 1], "BYTES")
+        text.set_data_from_numpy(np.array([[b"A man is playing a guitar."]], dtype=object))
+        with closing(httpclient.InferenceServerClient(server.http_url)) as client:
+            assert client.is_model_ready("tiny_python", str(final.version))
+            assert client.infer("tiny_python", [text]).as_numpy("sentence_embedding").shape == (1, 32)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs (mounting needs root and CAP_SYS_ADMIN, as on the CI machines)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_full_disk_leaves_no_partial_version(exported, small_disk):
+    root = small_disk / "model_repository"
+    publish(root, exported, PYTHON_ONLY)
+    before = tree(root)
+    filler = small_disk / "filler"
+    with filler.open("wb") as handle:  # fill the disk to its last block
+        with suppress(OSError):
+            while True:
+                handle.write(b"\0" * 65536)
+                handle.flush()
+    with pytest.raises(PackagerError, match="cannot (stage version 2|copy).*No space left on device") as failure:
+        publish(root, exported, PYTHON_ONLY)
+    assert "\n" not in str(failure.value)
+    assert tree(root) == before and not list(workspace(root).glob("txn-*"))
+    filler.unlink()
+    assert publish(root, exported, PYTHON_ONLY).version == 2 and complete(root / "tiny_python" / "2")

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast
-
 from packager.cpu import CPU_CLASSES
 from packager.iospec import IOSpec
 from packager.recipe import Gates, Recipe, parse_recipe
@@ -26,6 +23,9 @@ CHARACTERS = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-:()=_") + [
 
 def write_tiny_bert(folder: Path, task: str = "embeddings", seed: int = 0) -> Path:
     """Write a 2-layer, 32-wide BERT (random weights) with its tokenizer into `folder`."""
+    import torch  # here, not at the top: publisher processes import this module for sample_release only
+    from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast
+
     folder.mkdir(parents=True, exist_ok=True)
     vocab = folder / "vocab.txt"
     vocab.write_text("\n".join(dict.fromkeys(SPECIAL + WORDS + CHARACTERS)) + "\n")
