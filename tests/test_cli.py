@@ -58,8 +58,8 @@ def test_publish_adds_a_version_and_refuses_to_overwrite(capsys, tmp_path, tiny_
     code, out, _ = run_cli(capsys, *publish)
     assert code == 0 and "published version 2" in out
     code, _, err = run_cli(capsys, *publish, "--version", "1")
-    assert code != 0
-    assert_one_line_error(err, "version 1")
+    assert code == 2
+    assert_one_line_error(err, "version 1", "--force")
     code, out, _ = run_cli(capsys, *publish, "--version", "1", "--force")
     assert code == 0 and "published version 1" in out
 
@@ -217,3 +217,30 @@ def test_staging_left_by_a_killed_run_is_cleared_by_the_next(capsys, tmp_path, t
     code, _, _ = run_cli(capsys, "package", str(recipe), *package_args(tmp_path, "--levels", "plain"))
     assert code == 0
     assert not stale.exists() and live.exists()
+
+
+def test_a_corrupt_manifest_is_one_line_at_smoke(capsys, tmp_path, tiny_bert_dir):
+    recipe = write_recipe(tmp_path / "tiny.toml", tiny_bert_dir)
+    assert run_cli(capsys, "package", str(recipe), *package_args(tmp_path, "--levels", "plain"))[0] == 0
+    manifest = tmp_path / "repo" / "tiny_python" / "1" / "manifest.json"
+    manifest.write_text("{ not json")
+    code, _, err = run_cli(capsys, "smoke", str(recipe), "--repository", str(tmp_path / "repo"))
+    assert code == 1
+    assert_one_line_error(err, str(manifest), "not valid JSON")
+
+
+def test_ctrl_c_while_the_command_line_loads_is_one_line_and_exit_130():
+    """KeyboardInterrupt raised while `python -m packager` imports its command line (as Ctrl-C there would)."""
+    code = (
+        "import builtins, runpy\n"
+        "real_import = builtins.__import__\n"
+        "def interrupted(name, *args, **kwargs):\n"
+        "    if name == 'packager.cli':\n"
+        "        raise KeyboardInterrupt\n"
+        "    return real_import(name, *args, **kwargs)\n"
+        "builtins.__import__ = interrupted\n"
+        "runpy.run_module('packager', run_name='__main__')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, "list"], capture_output=True, text=True)
+    assert result.returncode == 130
+    assert result.stderr.strip() == "error: interrupted"
