@@ -185,6 +185,10 @@ class Serving:
     max_queue_delay_us: int = 1000
     tensorrt_accelerator: bool = False  # GPU only: ONNX Runtime's TensorRT execution provider
     tensorrt_precision: Literal["FP32", "FP16"] = "FP16"
+    # The served tokenizer pads each request up to a length bucket, so that requests of similar length have one
+    # shape and the native onnxruntime backend can batch them; "longest" pads to the request's longest text.
+    pad_to: Literal["buckets", "longest"] = "buckets"
+    length_buckets: tuple[int, ...] = ()  # empty: powers of two from 16 below the profile's max, then the max
     onnxruntime: OnnxRuntimeOptions = OnnxRuntimeOptions()
 
     def __post_init__(self):
@@ -198,6 +202,22 @@ class Serving:
 
     def batch_sizes(self, profile: Profile) -> tuple[int, ...]:
         return self.preferred_batch_sizes or tuple(sorted({profile.batch.opt, profile.batch.max}))
+
+    def buckets(self, profile: Profile) -> tuple[int, ...]:
+        """The lengths a served request is padded up to (empty: to its longest text); the last is the max."""
+        sequence = profile.sequence
+        if self.pad_to == "longest":
+            return ()
+        if self.length_buckets:
+            return tuple(sorted(set(self.length_buckets) | {sequence.max}))
+        sizes = [2**power for power in range(4, sequence.max.bit_length()) if sequence.min <= 2**power < sequence.max]
+        return (*sizes, sequence.max)
+
+
+def padded_length(longest: int, minimum: int, buckets: tuple[int, ...]) -> int:
+    """The length a served request is padded to: its longest text, at least `minimum`, rounded up to a bucket."""
+    length = max(longest, minimum)
+    return next((bucket for bucket in buckets if bucket >= length), length)
 
 
 @dataclass(frozen=True)
@@ -341,6 +361,10 @@ def _check_across_sections(recipe: Recipe, where: str) -> None:
         if size > batch.max:
             raise UsageError(f"{where}: [serving] preferred_batch_sizes {size} exceeds the profile's max batch "
                              f"{batch.max}")
+    for size in recipe.serving.length_buckets:
+        if not sequence.contains(size):
+            raise UsageError(f"{where}: [serving] length_buckets {size} is outside the profile's sequence "
+                             f"{sequence.min}..{sequence.max}")
 
 
 # ---- finding recipes ---------------------------------------------------------------------------------------------

@@ -208,6 +208,7 @@ def _tokenizer_model(name: str, inputs: _Inputs) -> RenderedModel:
         "parameters": {
             "max_sequence_length": str(sequence.max),
             "min_sequence_length": str(sequence.min),
+            "length_buckets": ",".join(map(str, inputs.serving.buckets(inputs.recipe.profile))),
             "tokenizer_folder": TOKENIZER_FOLDER,
         },
     }

@@ -3,7 +3,7 @@ import re
 import pytest
 
 from packager.errors import UsageError
-from packager.recipe import Gates, Range, known_recipes, load_recipe, parse_recipe
+from packager.recipe import Gates, Range, known_recipes, load_recipe, padded_length, parse_recipe
 
 
 def test_bert_recipe_is_known_and_complete():
@@ -110,3 +110,24 @@ def test_profile_longer_than_the_model_is_one_clear_error(tiny_recipe_embeddings
     recipe = tiny_recipe_embeddings.replace(profile=Profile(batch=Range(1, 1, 1), sequence=Range(2, 16, 512)))
     with pytest.raises(UsageError, match="profile sequence max 512 exceeds the 128 positions"):
         source.load(recipe)
+
+
+def test_length_buckets_default_to_powers_of_two_up_to_the_profiles_max():
+    bert = load_recipe("bert")
+    assert bert.serving.buckets(bert.profile) == (16, 32, 64, 128, 256)
+    small = parse_recipe({**MINIMAL, "profile": {"batch": [1, 2, 4], "sequence": [2, 16, 40]}}, "test")
+    assert small.serving.buckets(small.profile) == (16, 32, 40)
+    chosen = small.override({"serving": {"length_buckets": [8, 24]}})
+    assert chosen.serving.buckets(chosen.profile) == (8, 24, 40)
+    longest = small.override({"serving": {"pad_to": "longest"}})
+    assert longest.serving.buckets(longest.profile) == ()
+    with pytest.raises(UsageError, match=re.escape("[serving] length_buckets 64 is outside the profile's sequence")):
+        small.override({"serving": {"length_buckets": [64]}})
+
+
+@pytest.mark.parametrize("longest, minimum, buckets, length", [
+    (5, 2, (16, 32), 16), (16, 2, (16, 32), 16), (17, 2, (16, 32), 32), (5, 12, (16, 32), 16), (5, 2, (), 5),
+    (1, 2, (), 2),
+])
+def test_a_request_is_padded_to_its_longest_text_rounded_up_to_a_bucket(longest, minimum, buckets, length):
+    assert padded_length(longest, minimum, buckets) == length

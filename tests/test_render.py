@@ -26,7 +26,7 @@ from tritonclient.grpc import model_config_pb2
 
 from packager import export, iospec, render, repository, source, validate
 from packager.errors import PackagerError, UsageError
-from packager.recipe import Range, Serving, load_recipe
+from packager.recipe import Range, Serving, load_recipe, padded_length
 from packager.record import ProfileShapes
 from packager.render import Artifacts, TensorRTPlan
 from packager.tasks import get_task
@@ -375,10 +375,11 @@ def test_served_tokenizer_gives_the_hugging_face_tokenizers_tokens(live, tiny, v
 
 def hugging_face_tokens(exported: Exported, texts: list[str]) -> dict[str, np.ndarray]:
     """The source tokenizer's tokens, truncated at the profile's max sequence, padded to the longest text (at least
-    to the profile's min sequence), as the smoke's reference tokenizes."""
-    sequence = exported.recipe.profile.sequence
-    lengths = exported.tokenizer(texts, truncation=True, max_length=sequence.max)["input_ids"]
-    return validate.tokenize(exported.tokenizer, exported.spec, texts, max([sequence.min, *map(len, lengths)]))
+    to the profile's min sequence) rounded up to a length bucket, as the smoke's reference tokenizes."""
+    profile = exported.recipe.profile
+    lengths = exported.tokenizer(texts, truncation=True, max_length=profile.sequence.max)["input_ids"]
+    length = padded_length(max(map(len, lengths)), profile.sequence.min, exported.recipe.serving.buckets(profile))
+    return validate.tokenize(exported.tokenizer, exported.spec, texts, length)
 
 
 def test_served_ensemble_embeds_text_like_onnx_runtime(served, tiny):
@@ -387,7 +388,8 @@ def test_served_ensemble_embeds_text_like_onnx_runtime(served, tiny):
     result = _infer_texts(served, "tiny_python", texts)
     session = validate.onnxruntime_runner(tiny.onnx, tiny.spec)
     longest = max(len(tiny.tokenizer(t)["input_ids"]) for t in texts)
-    assert result.as_numpy("token_embeddings").shape == (4, longest, 32)
+    bucket = padded_length(longest, 2, tiny.recipe.serving.buckets(tiny.recipe.profile))
+    assert longest < bucket == 16 and result.as_numpy("token_embeddings").shape == (4, bucket, 32)
     for row, text in enumerate(texts):
         alone = validate.tokenize(tiny.tokenizer, tiny.spec, [text], len(tiny.tokenizer(text)["input_ids"]))
         np.testing.assert_allclose(result.as_numpy("sentence_embedding")[row], session(alone)["sentence_embedding"][0],

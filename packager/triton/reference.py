@@ -9,7 +9,7 @@ from transformers import PreTrainedTokenizerBase
 
 from packager import source, validate
 from packager.iospec import IOSpec
-from packager.recipe import Profile, Recipe, Tolerances
+from packager.recipe import Profile, Recipe, Tolerances, padded_length
 from packager.tasks import Task, get_task
 from packager.triton.client import Outputs
 from packager.validate import ValidationBatch
@@ -20,7 +20,7 @@ class Reference:
     """What served answers are compared with: PyTorch on the same tokens, and the tokenizer that made them.
 
     Texts are tokenized as the served tokenizer does: truncated at the profile's max sequence, padded to the
-    longest text of the request, at least to the profile's min sequence.
+    longest text of the request, at least to the profile's min sequence, rounded up to a length bucket.
     """
 
     task: Task
@@ -28,6 +28,7 @@ class Reference:
     tokenizer: PreTrainedTokenizerBase
     runner: validate.Runner
     profile: Profile
+    buckets: tuple[int, ...]  # the served tokenizer's length buckets (empty: padded to the longest text)
     _answers: dict[tuple[str, ...], Outputs] = field(default_factory=dict, init=False, repr=False)
 
     @classmethod
@@ -35,12 +36,12 @@ class Reference:
         """The task wrapper of the loaded model run by PyTorch."""
         task = get_task(recipe.task)
         runner = validate.torch_runner(task.wrapper(loaded.model, spec.input_names).eval(), spec)
-        return cls(task, spec, loaded.tokenizer, runner, recipe.profile)
+        return cls(task, spec, loaded.tokenizer, runner, recipe.profile, recipe.serving.buckets(recipe.profile))
 
     def tokenize(self, texts: Sequence[str]) -> ValidationBatch:
         sequence = self.profile.sequence
         lengths = self.tokenizer(list(texts), truncation=True, max_length=sequence.max)["input_ids"]
-        length = max([sequence.min, *map(len, lengths)])
+        length = padded_length(max(map(len, lengths)), sequence.min, self.buckets)
         return ValidationBatch.of(texts, validate.tokenize(self.tokenizer, self.spec, list(texts), length))
 
     def answer(self, texts: Sequence[str]) -> Outputs:

@@ -1,7 +1,8 @@
 """Triton python-backend model: texts in, the model's token tensors out (names and types from the config).
 
 Each request's texts are truncated at max_sequence_length and padded to the longest of them, at least to
-min_sequence_length, as the Hugging Face tokenizer does. encoding.json (next to this file, written by the packager
+min_sequence_length, as the Hugging Face tokenizer does, then up to the next of length_buckets when the config
+lists them: requests of similar length get one shape, so a backend that batches equal shapes only can join them. encoding.json (next to this file, written by the packager
 from that tokenizer) says which library encodes, the tokenizers.Encoding field behind each output, the value each
 output is padded with, and the padding and truncation sides. The tokenizer files are in the version folder:
 nothing is downloaded.
@@ -70,6 +71,7 @@ class TritonPythonModel:
         settings = json.loads((version / ENCODING_FILE).read_text())
         self.max_length = int(parameters["max_sequence_length"])
         self.min_length = int(parameters["min_sequence_length"])
+        self.buckets = [int(size) for size in parameters.get("length_buckets", "").split(",") if size]
         self.text_input = config["input"][0]["name"]
         self.outputs = {t["name"]: pb_utils.triton_string_to_numpy(t["data_type"]) for t in config["output"]}
         self.pad_values = {name: settings["pad_values"][name] for name in self.outputs}
@@ -89,9 +91,11 @@ class TritonPythonModel:
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"tokenizer: {exc}"))
 
     def tokenize(self, texts):
-        """Output name -> (texts, length) array: rows truncated, padded to the longest (at least min_length)."""
+        """Output name -> (texts, length) array: rows truncated, padded to the longest (at least min_length),
+        rounded up to a length bucket."""
         rows = self.encode(texts)
         length = max([self.min_length, *(len(row) for row in next(iter(rows.values())))])
+        length = next((bucket for bucket in self.buckets if bucket >= length), length)
         return {name: self._pad(name, rows[name], length) for name in self.outputs}
 
     def _pad(self, name, rows, length):
