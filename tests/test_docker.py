@@ -7,6 +7,7 @@ that image they are skipped, saying why; with PACKAGER_REQUIRE_DOCKER=1 (CI) the
 
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import signal
@@ -19,6 +20,7 @@ import pytest
 
 pytest.importorskip("pytriton", reason="the live smoke needs tritonclient and the tiny models' tools")
 
+import packager
 import tests.live_server as live
 from packager.cli import main
 from packager.errors import PackagerError
@@ -33,6 +35,7 @@ from packager.triton.docker import (
 from packager.triton.server import available_backends, serve
 from packager.triton.smoke import smoke
 
+ROOT = Path(__file__).resolve().parent.parent
 IMAGE_ENV, REQUIRE_ENV = "PACKAGER_DOCKER_IMAGE", "PACKAGER_REQUIRE_DOCKER"
 NO_IMAGE = "triton-packager/no-such-image:0"
 live_repository, live_embeddings = live.live_repository, live.live_embeddings  # session fixtures
@@ -108,6 +111,25 @@ def test_docker_image_comes_from_the_option_then_the_environment(monkeypatch):
     assert DockerLauncher(gpus=False).image == "registry.example/tritonserver:25.01-py3"
     assert DockerLauncher(image="mine:1", gpus=False).image == "mine:1"
     assert DockerLauncher(gpus=False).container.startswith(CONTAINER_PREFIX)
+
+
+def test_the_image_has_the_locked_versions_of_what_the_python_backend_models_import():
+    imported = set()
+    for path in (Path(packager.__file__).parent / "templates" / "python").glob("*.py"):
+        for node in ast.parse(path.read_text()).body:  # module level: transformers (slow tokenizers only) is not
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                imported.add(node.module.split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names) - {"triton_python_backend_utils"}
+    listed = subprocess.run([sys.executable, str(ROOT / "scripts" / "triton_image.py"), "--requirements"],
+                            capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    pins = dict(line.split(" ")[0].split("==") for line in listed.stdout.splitlines() if "==" in line)
+    assert third_party == {"numpy", "onnxruntime", "tokenizers"}  # import names = distribution names
+    lock = (ROOT / "requirements.lock").read_text()
+    for name in third_party:
+        assert f"\n{name}=={pins[name]} " in lock
+    assert listed.stdout.count("--hash=sha256:") >= len(pins) and "nvidia-pytriton" not in pins
 
 
 def test_docker_launcher_without_a_daemon_fails_in_one_line(tmp_path, monkeypatch):
@@ -187,7 +209,7 @@ def test_the_container_goes_away_when_the_packager_is_killed(image, tmp_path):
         "    time.sleep(600)\n"
     )
     before = containers()
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     starter = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
     assert starter.stdout.readline() == "ready\n"
     (container,) = containers() - before
