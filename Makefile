@@ -11,12 +11,14 @@ MODEL ?= bert
 TASK ?=
 ARGS ?=
 PYTEST_ARGS ?=
+# A built onnxruntime backend directory for the Triton image (empty: the image has the python backend only).
+ORT_BACKEND_DIR ?=
 
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUN := HF_HUB_OFFLINE=1 $(PY) -m packager
 
-.PHONY: venv lock package publish smoke bench list test clean
+.PHONY: venv lock package publish smoke bench list test triton-image clean
 
 # Exactly the locked set (hash-checked, no resolution), then torch, then this project without dependencies.
 # The lock's SHA-256 is kept in the venv: every manifest records which lock built it.
@@ -60,6 +62,11 @@ list: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+# The local CPU Triton image for `--launcher docker --image TAG` (Debian + PyPI only; needs a Docker daemon, and root
+# for its debootstrap base). Built only when its inputs changed; prints its tag. See scripts/triton_image.py.
+triton-image: $(STAMP)
+	@$(PY) scripts/triton_image.py $(if $(ORT_BACKEND_DIR),--ort-backend $(ORT_BACKEND_DIR))
 
 clean:
 	rm -rf build reports

@@ -150,11 +150,12 @@ def _server_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("live Triton server for the smoke test")
     group.add_argument("--launcher", choices=LAUNCHER_NAMES, default=os.environ.get("PACKAGER_LAUNCHER", "local"),
                        help="local: the tritonserver of the nvidia-pytriton wheel (python backend only); docker: "
-                            "the NGC image (all backends); url: a running server (default: local)")
+                            "a container of --image; url: a running server (default: local)")
     group.add_argument("--url", help="with --launcher url: the server's HTTP host:port")
     group.add_argument("--grpc-url", help="with --launcher url: the server's gRPC host:port")
-    group.add_argument("--image", help="with --launcher docker: the image (default: $TRITON_DOCKER_IMAGE or "
-                                       "nvcr.io/nvidia/tritonserver:24.10-py3)")
+    group.add_argument("--image", help="with --launcher docker: the image, e.g. the local CPU one that `make "
+                                       "triton-image` builds (default: $TRITON_DOCKER_IMAGE or "
+                                       "nvcr.io/nvidia/tritonserver:24.10-py3, all backends, --gpus all on a GPU host)")
 
 
 def _release_arguments(parser: argparse.ArgumentParser) -> None:

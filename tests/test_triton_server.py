@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,17 +19,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
 from packager.errors import PackagerError, UsageError
-from packager.triton.server import (
-    DOCKER_IMAGE_ENV,
-    DockerLauncher,
-    LocalLauncher,
-    TritonServer,
-    available_backends,
-    docker_command,
-    load_models,
-    required_backend,
-    serve,
-)
+from packager.triton.server import LocalLauncher, TritonServer, available_backends, load_models, required_backend, serve
 
 ADD_ONE_CONFIG = """
 name: "{name}"
@@ -138,9 +127,8 @@ def test_url_launcher_uses_a_running_server_without_stopping_it(server, reposito
         assert client.is_server_live()
 
 
-def test_available_backends():
-    assert available_backends("local") == {"python"}
-    assert available_backends("docker") is None
+def test_available_backends(server):
+    assert available_backends("local") == {"python"} == server.backends
     with pytest.raises(UsageError, match="choose one of local, docker, url"):
         available_backends("podman")
 
@@ -297,39 +285,3 @@ def test_required_backend_rejects_an_unreadable_config(tmp_path):
     path.write_text('name: "m"\nbakend: "python"\n')
     with pytest.raises(PackagerError, match="not a valid model config"):
         required_backend(path)
-
-
-def test_docker_command_binds_loopback_and_mounts_the_repository_read_only(tmp_path):
-    ports = {"http": 18000, "grpc": 18001, "metrics": 18002}
-    argv = docker_command(
-        tmp_path, image="nvcr.io/nvidia/tritonserver:24.10-py3", container="t1", ports=ports, gpus=False
-    )
-    assert argv[:3] == ["docker", "run", "--rm"] and "--name=t1" in argv
-    assert "--gpus" not in argv
-    assert {
-        "--publish=127.0.0.1:18000:8000",
-        "--publish=127.0.0.1:18001:8001",
-        "--publish=127.0.0.1:18002:8002",
-    } <= set(argv)
-    assert f"--volume={tmp_path.resolve()}:/models:ro" in argv
-    image_at = argv.index("nvcr.io/nvidia/tritonserver:24.10-py3")
-    assert argv[image_at + 1 :][:2] == ["tritonserver", "--model-repository=/models"]
-    assert "--model-control-mode=explicit" in argv
-
-    with_gpus = docker_command(tmp_path, image="img", container="t1", ports=ports, gpus=True)
-    assert with_gpus[with_gpus.index("--gpus") + 1] == "all"
-
-
-def test_docker_image_comes_from_the_option_then_the_environment(monkeypatch):
-    monkeypatch.delenv(DOCKER_IMAGE_ENV, raising=False)
-    assert DockerLauncher(gpus=False).image == "nvcr.io/nvidia/tritonserver:24.10-py3"
-    monkeypatch.setenv(DOCKER_IMAGE_ENV, "registry.example/tritonserver:25.01-py3")
-    assert DockerLauncher(gpus=False).image == "registry.example/tritonserver:25.01-py3"
-    assert DockerLauncher(image="mine:1", gpus=False).image == "mine:1"
-
-
-@pytest.mark.skipif(shutil.which("docker") is not None and os.path.exists("/var/run/docker.sock"), reason="docker runs")
-def test_docker_launcher_without_a_daemon_fails_in_one_line(tmp_path):
-    with pytest.raises(PackagerError, match=r"^docker launcher: ") as failure, serve("docker", tmp_path, gpus=False):
-        pass
-    assert "\n" not in str(failure.value)

@@ -1,7 +1,7 @@
 """Start, wait for and stop a Triton Inference Server, and load models into it.
 
 Three launchers share one interface (`LAUNCHERS`): `local` runs the tritonserver binary shipped in the
-nvidia-pytriton wheel (python backend only), `docker` runs the NGC container, `url` uses a server that is
+nvidia-pytriton wheel (python backend only), `docker` runs a container (docker.py), `url` uses a server that is
 already running. `serve()` always stops what it started, also on errors and Ctrl-C.
 """
 
@@ -10,18 +10,15 @@ from __future__ import annotations
 import http.client
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import sysconfig
 import tempfile
 import time
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn, Protocol
 
@@ -32,32 +29,11 @@ from tritonclient.utils import InferenceServerException
 
 from packager.errors import PackagerError, UsageError
 from packager.triton import LAUNCHER_NAMES
-from packager.triton.process import spawn, stop_process
+from packager.triton.docker import DockerLauncher
+from packager.triton.process import CPU_FLAGS, SERVER_FLAGS, TritonServer, free_ports, spawn, stop_process
 
-DOCKER_IMAGE_ENV = "TRITON_DOCKER_IMAGE"
-# The NGC release line of the tritonserver (2.51.0) in nvidia-pytriton 0.7.
-DEFAULT_DOCKER_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
-CONTAINER_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
-LOG_TAIL_LINES = 20
-
-# Server flags for every launcher that starts a server. Models are loaded one by one over the API, where a failed
-# load is reported per model and neither stops the server nor (without strict readiness) makes it unready.
-# --exit-on-error stays true: it then only covers start-up failures (e.g. a missing repository), which would
-# otherwise leave a server running that never becomes live.
-SERVER_FLAGS = (
-    "--model-control-mode=explicit",
-    "--strict-readiness=false",
-    "--exit-on-error=true",
-    "--exit-timeout-secs=5",  # a stop waits at most this long for in-flight requests
-    "--log-verbose=0",
-)
 INTERRUPT_GRACE_S = 2.0  # after Ctrl-C: SIGINT, this long, then SIGKILL
 CPU_NOISE = ("CudaDriverHelper",)  # error lines every start logs on a machine without a GPU
-CPU_FLAGS = (
-    "--pinned-memory-pool-byte-size=0",
-    "--cuda-memory-pool-byte-size=0:0",
-    "--allow-gpu-metrics=false",
-)
 PLATFORM_BACKENDS: dict[str, str | None] = {
     "onnxruntime_onnx": "onnxruntime",
     "tensorrt_plan": "tensorrt",
@@ -66,23 +42,6 @@ PLATFORM_BACKENDS: dict[str, str | None] = {
     "tensorflow_savedmodel": "tensorflow",
     "ensemble": None,  # built into the server
 }
-
-
-@dataclass
-class TritonServer:
-    """A reachable server. URLs are `host:port`, the form tritonclient takes; `grpc_url` may be unknown."""
-
-    http_url: str
-    grpc_url: str | None
-    log_path: Path | None
-    process: subprocess.Popen | None = field(default=None, repr=False)
-
-    def log_tail(self, n_lines: int = LOG_TAIL_LINES) -> str:
-        """The last `n_lines` lines of the server log ("" when there is no log here)."""
-        if self.log_path is None or not self.log_path.exists():
-            return ""
-        lines = self.log_path.read_text(errors="replace").splitlines()
-        return "\n".join(lines[-n_lines:])
 
 
 @dataclass(frozen=True)
@@ -125,7 +84,7 @@ class LocalLauncher:
 
     def start(self, repository: Path) -> TritonServer:
         server_dir = _pytriton_server_dir()
-        http, grpc, metrics = _free_ports(3)
+        http, grpc, metrics = free_ports(3)
         command = [
             str(server_dir / "bin" / "tritonserver"),
             f"--model-repository={repository.resolve()}",
@@ -135,7 +94,7 @@ class LocalLauncher:
             *CPU_FLAGS,
         ]
         process = spawn(command, self._log_path, self._environment())
-        return TritonServer(f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", self._log_path, process)
+        return TritonServer(f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", self._log_path, process, self.backends())
 
     def stop(self, server: TritonServer, timeout_s: float) -> None:
         try:
@@ -171,37 +130,6 @@ class LocalLauncher:
         cache.mkdir(exist_ok=True)
         env["XDG_CACHE_HOME"] = env["TMPDIR"] = str(cache)
         return env
-
-
-class DockerLauncher:
-    """The NGC tritonserver container, reached through ports published on 127.0.0.1."""
-
-    def __init__(self, image: str | None = None, gpus: bool | None = None, log_path: Path | str | None = None):
-        self.image = image or os.environ.get(DOCKER_IMAGE_ENV) or DEFAULT_DOCKER_IMAGE
-        self.gpus = gpu_present() if gpus is None else gpus
-        self._container = f"triton-packager-{uuid.uuid4().hex[:12]}"
-        self._tempdir = tempfile.TemporaryDirectory(prefix="triton-")  # removed on stop, log included
-        self._log_path = Path(log_path) if log_path else Path(self._tempdir.name) / "tritonserver.log"
-
-    @classmethod
-    def backends(cls) -> None:
-        return None
-
-    def start(self, repository: Path) -> TritonServer:
-        _require_docker_daemon()
-        http, grpc, metrics = _free_ports(3)
-        ports = {"http": http, "grpc": grpc, "metrics": metrics}
-        command = docker_command(repository, image=self.image, container=self._container, ports=ports, gpus=self.gpus)
-        process = spawn(command, self._log_path, dict(os.environ))
-        return TritonServer(f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", self._log_path, process)
-
-    def stop(self, server: TritonServer, timeout_s: float) -> None:
-        """SIGINT reaches the container through `docker run`; `docker rm -f` covers a client killed early."""
-        try:
-            stop_process(server.process, timeout_s)
-        finally:
-            subprocess.run(["docker", "rm", "-f", self._container], capture_output=True, check=False)
-            self._tempdir.cleanup()
 
 
 class UrlLauncher:
@@ -304,34 +232,6 @@ def wait_until_ready(server: TritonServer, timeout_s: float) -> None:
             time.sleep(0.1)
 
 
-def docker_command(
-    repository: Path | str, *, image: str, container: str, ports: dict[str, int], gpus: bool
-) -> list[str]:
-    """The `docker run` argv: repository mounted read-only at /models, ports published on 127.0.0.1 only.
-
-    `ports` maps "http", "grpc" and "metrics" to host ports.
-    """
-    publish = [f"--publish=127.0.0.1:{ports[kind]}:{port}" for kind, port in CONTAINER_PORTS.items()]
-    return [
-        "docker", "run", "--rm", f"--name={container}",
-        *(["--gpus", "all"] if gpus else []),
-        "--shm-size=1g",  # the python backend passes tensors through shared memory
-        *publish,
-        f"--volume={Path(repository).resolve()}:/models:ro",
-        image,
-        "tritonserver", "--model-repository=/models",
-        *SERVER_FLAGS,
-        *([] if gpus else CPU_FLAGS),
-    ]  # fmt: skip
-
-
-def gpu_present() -> bool:
-    """True when `nvidia-smi -L` lists a GPU."""
-    if shutil.which("nvidia-smi") is None:
-        return False
-    return subprocess.run(["nvidia-smi", "-L"], capture_output=True, check=False).returncode == 0
-
-
 def _launcher_class(name: str) -> type[Launcher]:
     try:
         return LAUNCHERS[name]
@@ -345,27 +245,6 @@ def _pytriton_server_dir() -> Path:
     except ImportError:
         raise PackagerError("the local Triton launcher needs nvidia-pytriton: pip install '.[triton]'") from None
     return Path(pytriton.__file__).parent / "tritonserver"
-
-
-def _require_docker_daemon() -> None:
-    if shutil.which("docker") is None:
-        raise PackagerError("docker launcher: the `docker` command is not installed")
-    probe = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        reason = (probe.stderr.strip().splitlines() or ["docker info failed"])[-1]
-        raise PackagerError(f"docker launcher: the docker daemon is not reachable: {reason}")
-
-
-def _free_ports(count: int) -> list[int]:
-    """Ports free on 127.0.0.1 now (all held open together, so they differ)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def _bind_flags(address: str, http: int, grpc: int, metrics: int) -> list[str]:

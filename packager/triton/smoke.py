@@ -20,7 +20,7 @@ from packager.triton.client import PROTOCOLS, Wire, connection
 from packager.triton.discovery import Model, Role, load_servable
 from packager.triton.reference import Reference
 from packager.triton.rows import LOAD, CheckStatus, SmokeRow
-from packager.triton.server import TritonServer, available_backends, kept_log, serve
+from packager.triton.server import TritonServer, kept_log, serve
 
 DETAIL_WIDTH = 110  # characters of a row's detail in the summary table
 END_TO_END, CPU_CLASS = "text end to end", "cpu class"  # checks that are not per protocol
@@ -84,7 +84,7 @@ def smoke(
     if unknown:
         raise UsageError(f"unknown protocol(s) {unknown}; choose from {', '.join(PROTOCOLS)}")
     with serve(launcher, Path(repository), **server_options) as server:
-        found, rows = load_servable(server, repository, models, available_backends(launcher))
+        found, rows = load_servable(server, repository, models, server.backends)
         served = [found[row.model] for row in rows if row.check == LOAD and row.status is CheckStatus.PASS]
         rows.append(_end_to_end_row(served))
         if launcher != "url":  # a local or docker server computes on this machine
