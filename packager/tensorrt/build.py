@@ -21,8 +21,8 @@ from packager.record import EngineFacts, EngineStats, EngineStatus, ProfileShape
 from packager.tensorrt import runtime
 from packager.tensorrt.log import EngineBuildError, build_failure, make_logger
 from packager.tensorrt.settings import (
-    BACKENDS, Backend, BackendUnavailable, BuildMode, LoadedBackend, ShapeRange, TargetCheck, build_mode,
-    check_target, engine_dims, profile_shapes, select_backend,
+    BACKENDS, HARDWARE_LEVELS, Backend, BackendUnavailable, BuildMode, LoadedBackend, ShapeRange, TargetCheck,
+    build_mode, check_target, engine_dims, profile_shapes, select_backend,
 )
 
 ENGINE_FILE = "model.plan"
@@ -74,7 +74,7 @@ def build_engine(
         loaded = select_backend(backend, backends)
     except BackendUnavailable as exc:
         return EngineResult("skipped", f"TensorRT step skipped: {exc}")
-    target = check_target(settings.triton_release, loaded)
+    target = check_target(settings.triton_release, loaded, settings.version_compatible)
     if target.matches is False:
         say(f"    warning: {target.message}")
     mode = build_mode(settings, loaded.backend)
@@ -92,6 +92,8 @@ def build_engine(
         message = (f"build check with {loaded.describe()}: graph, profiles and precision build, but no deployable "
                    "engine was produced (Triton cannot serve its plans); the tensorrt_plan model is not "
                    "published. Build on a GPU host with TensorRT for a deployable plan.")
+        if settings.version_compatible or settings.hardware_compatibility_level != "none":
+            message += f" ({loaded.backend.name} applies no version_compatible or hardware_compatibility_level.)"
         return EngineResult("build-check", message, None, built.network, built.profiles, facts, stats)
     engine_path = work_dir / ENGINE_FILE
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -196,6 +198,11 @@ def _config(builder, loaded: LoadedBackend, settings: TensorRT, mode: BuildMode)
     config.clear_flag(trt.BuilderFlag.TF32)  # fp32 means fp32: TF32 matmuls would miss the fp32 gate
     for flag in mode.builder_flags:
         config.set_flag(getattr(trt.BuilderFlag, flag))
+    if loaded.backend.compatibility:
+        if settings.version_compatible:
+            config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)  # the plan embeds its lean runtime
+        level = HARDWARE_LEVELS[settings.hardware_compatibility_level]
+        config.hardware_compatibility_level = getattr(trt.HardwareCompatibilityLevel, level)
     return config
 
 
@@ -266,6 +273,7 @@ class TimingCache:
 def _facts(loaded: LoadedBackend, settings: TensorRT, graph: Path, built: _SerializedEngine,
            target: TargetCheck) -> EngineFacts:
     gpu, capability = runtime.gpu() if loaded.backend.deployable else ("none (build check)", "none (build check)")
+    applies = loaded.backend.compatibility
     return EngineFacts(
         package=loaded.backend.module,
         version=loaded.version,
@@ -282,4 +290,6 @@ def _facts(loaded: LoadedBackend, settings: TensorRT, graph: Path, built: _Seria
         triton_release=target.release,
         triton_tensorrt=target.tensorrt,
         tensorrt_matches_triton=target.matches,
+        version_compatible=applies and settings.version_compatible,
+        hardware_compatibility_level=settings.hardware_compatibility_level if applies else "none",
     )
