@@ -77,6 +77,15 @@ class EngineFacts:
 
 
 @dataclass(frozen=True)
+class FailedPlan:
+    """build/<name>.failed-plan/failure.json, beside the plan that failed its runtime gate: why, and how it was
+    built."""
+
+    error: str
+    facts: EngineFacts | None
+
+
+@dataclass(frozen=True)
 class EngineStats:
     """How the build went (build.json only: it changes from run to run)."""
 

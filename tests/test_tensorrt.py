@@ -1,6 +1,7 @@
 """The TensorRT step: recipe settings, profiles, the real TensorRT-RTX build (tiny model and MiniLM), loud failures,
 timing cache, the skip path, the target-release check, the compatibility settings, and the trtexec command (as
-pipeline.build prints it, its inputs run through the build's checks)."""
+pipeline.build prints it, its inputs run through the build's checks). The GPU path (preflight, Triton's profile
+choice, the runner) is in test_tensorrt_runtime.py."""
 
 import dataclasses
 import re

@@ -126,6 +126,7 @@ def container_image(release: str) -> str:
 
 # TensorRT's HardwareCompatibilityLevel member of each [tensorrt] hardware_compatibility_level
 HARDWARE_LEVELS = {"none": "NONE", "ampere+": "AMPERE_PLUS"}
+AMPERE = (8, 0)  # the compute capability an ampere+ plan needs, to build and to load
 
 
 # --- precision -> build mode -------------------------------------------------------------------------------------
