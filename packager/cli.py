@@ -15,7 +15,7 @@ from pathlib import Path
 
 from packager.console import error, say, table
 from packager.errors import PackagerError, first_line
-from packager.recipe import DEVICES, PRECISIONS, TARGETS, TRITON_TENSORRT, Range, Recipe, known_recipes, load_recipe
+from packager.recipe import DEVICES, PRECISIONS, TARGETS, TRITON_RELEASES, Range, Recipe, known_recipes, load_recipe
 from packager.triton import LAUNCHER_NAMES
 
 TRT_BACKENDS = ("auto", "tensorrt", "tensorrt-rtx", "none")
@@ -68,7 +68,7 @@ def cmd_package(args: argparse.Namespace) -> int:
     recipe = _recipe(args)
     from packager import pipeline
 
-    options = pipeline.BuildOptions(build_root=Path(args.build_dir), trt_backend=args.trt_backend)
+    options = pipeline.BuildOptions(build_root=Path(args.build_dir), trt_backend=args.trt_backend, strict=args.strict)
     pipeline.package(recipe, options, _release_options(args))
     return 0
 
@@ -133,8 +133,11 @@ def _build_arguments(parser: argparse.ArgumentParser) -> None:
                                         "its gate ships (default: the recipe's [optimize] levels for the device)")
     group = parser.add_argument_group("TensorRT engine")
     group.add_argument("--precision", choices=PRECISIONS, help="engine precision (default: the recipe's)")
-    group.add_argument("--triton-release", choices=list(TRITON_TENSORRT),
-                       help="the Triton release that will serve the plan; warns when the installed TensorRT differs")
+    group.add_argument("--triton-release", choices=list(TRITON_RELEASES),
+                       help="the Triton release that will serve the plan; warns when the installed TensorRT is not "
+                            "its exact version")
+    group.add_argument("--strict", action="store_true",
+                       help="refuse, rather than warn, when the installed TensorRT is not the release's exact version")
     group.add_argument("--trt-workspace", type=int, metavar="MIB", help="builder workspace limit in MiB")
     group.add_argument("--trt-backend", choices=TRT_BACKENDS, default="auto",
                        help="TensorRT package: tensorrt (deployable plan), tensorrt-rtx (build check only), "

@@ -26,7 +26,7 @@ from packager.iospec import IOSpec
 from packager.optimize.fp16 import fp16_graph
 from packager.recipe import Recipe
 from packager.record import (
-    BUILD_FILE, BuildRecord, CpuRecord, EngineRecord, Gate, Plan, Release, sha256,
+    BUILD_FILE, BuildRecord, CpuRecord, EngineRecord, FailedPlan, Gate, Plan, Release, sha256, write_json,
 )
 from packager.tasks import get_task
 from packager.triton import smoke
@@ -40,6 +40,7 @@ FP16_ENGINE_GRAPH = "tensorrt/model.fp16.onnx"  # the graph fp16 engines are bui
 class BuildOptions:
     build_root: Path = Path("build")
     trt_backend: str = "auto"  # auto | tensorrt | tensorrt-rtx | none
+    strict: bool = False  # refuse, rather than warn, when the installed TensorRT is not the target release's
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,7 @@ def build(recipe: Recipe, options: BuildOptions, loaded: source.LoadedModel | No
     repository.check_name(recipe.name, "recipe name")  # it names the build folder and every model
     task = get_task(recipe.task)
     device = recipe.serving.device
+    checked = tensorrt.preflight(recipe.tensorrt, options.trt_backend, options.strict)  # before any work
     clear_stale_staging(options.build_root)
     staging = _staging_dir(options.build_root, recipe.name)
     try:
@@ -150,7 +152,7 @@ def build(recipe: Recipe, options: BuildOptions, loaded: source.LoadedModel | No
         reports = [exported_report] + [level.parity for level in optimized.levels
                                        if level.parity and level.parity is not exported_report]
         with step(f"TensorRT engine ({recipe.tensorrt.precision}, {len(recipe.engine_profiles)} profiles)"):
-            engine, engine_record, engine_report = _engine(exported, recipe, validator, staging, options)
+            engine, engine_record, engine_report = _engine(exported, recipe, validator, staging, options, checked)
             if engine_report:
                 reports.append(engine_report)
         record = BuildRecord(
@@ -187,8 +189,11 @@ def _cpu_record(shipped: optimize.LevelResult) -> CpuRecord:
 
 
 def _engine(exported: export.Exported, recipe: Recipe, validator: validate.Validator, staging: Path,
-            options: BuildOptions) -> tuple[tensorrt.EngineResult, EngineRecord, validate.ParityReport | None]:
-    """Build the TensorRT engine; gate a deployable one with the TensorRT runtime.
+            options: BuildOptions, checked: tensorrt.Preflight,
+            ) -> tuple[tensorrt.EngineResult, EngineRecord, validate.ParityReport | None]:
+    """Build the TensorRT engine; gate a deployable one with the TensorRT runtime. A plan that fails its runtime gate
+    is kept in build/<name>.failed-plan/ with failure.json (the error and the build facts), since the staging folder
+    goes; the next plan of <name> that passes removes it.
 
     TensorRT parses the plain export, or for fp16 its fp16 graph: the fused levels hold ONNX Runtime contrib ops
     (EmbedLayerNormalization, Attention) that TensorRT's parser does not know.
@@ -198,14 +203,20 @@ def _engine(exported: export.Exported, recipe: Recipe, validator: validate.Valid
         return fp16_graph(exported.path, staging / FP16_ENGINE_GRAPH)
 
     engine = tensorrt.build_engine(exported.path, exported.spec, recipe, staging / "tensorrt",
-                                   cache_dir=options.build_root / ".cache", backend=options.trt_backend,
-                                   fp16_graph=engine_graph)
+                                   cache_dir=options.build_root / ".cache", fp16_graph=engine_graph, checked=checked)
     say(f"    {engine.message}")
     if engine.status == "deployable":
         gate = Gate(*recipe.gates.for_engine(recipe.tensorrt.precision))
-        runner = tensorrt.engine_runner(engine.engine_path, exported.spec)
-        report = validate.require_parity(validator.check("tensorrt", runner, gate.tolerances))
-        validate.require_invariant(validator.check_invariance("tensorrt", runner, gate.tolerances))
+        failed = options.build_root / f"{recipe.name}.failed-plan"
+        try:
+            runner = tensorrt.engine_runner(engine.engine_path, exported.spec, checked.loaded,
+                                            version_compatible=recipe.tensorrt.version_compatible)
+            report = validate.require_parity(validator.check("tensorrt", runner, gate.tolerances))
+            validate.require_invariant(validator.check_invariance("tensorrt", runner, gate.tolerances))
+        except Exception as exc:
+            say(f"    the plan that failed its runtime gate is kept in {keep_failed_plan(engine, failed, exc)}")
+            raise
+        shutil.rmtree(failed, ignore_errors=True)
         shutil.move(engine.engine_path, staging / PLAN_FILE)
         plan = Plan(PLAN_FILE, recipe.engine_max_batch_size, engine.profiles)
         return engine, EngineRecord(engine.status, engine.message, engine.facts, plan, gate), report
@@ -219,6 +230,15 @@ def _engine(exported: export.Exported, recipe: Recipe, validator: validate.Valid
                                            options.build_root.resolve() / ".cache" / "trtexec.timing-cache")
         say(f"    a deployable plan can be built in the release's container: {shlex.join(command)}")
     return engine, EngineRecord(engine.status, engine.message, engine.facts), None
+
+
+def keep_failed_plan(engine: tensorrt.EngineResult, folder: Path, failure: Exception) -> Path:
+    """Move the plan into `folder` (replacing an older one) with failure.json: the build facts and the error."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    shutil.move(engine.engine_path, folder / PLAN_FILE)
+    write_json(folder / "failure.json", FailedPlan(f"{type(failure).__name__}: {failure}", engine.facts))
+    return folder
 
 
 def stage_release(built: BuildFolder, loaded: source.LoadedModel) -> StagedRelease:

@@ -30,12 +30,34 @@ TASK_NAMES = ("embeddings", "sequence-classification")  # packager.tasks impleme
 # Serving targets (packager.render renders each): a model plus its ensemble.
 TARGETS = ("onnxruntime", "python", "tensorrt")
 PRECISIONS = ("fp32", "fp16")  # TensorRT engine precisions
-# The Triton release a TensorRT plan is built for -> the TensorRT version it serves. Confirmed by Triton's own
-# compatibility.md: 25.01/25.02 (10.8.0.43), 25.03 (10.9.0.34); from NGC release notes: 24.09-24.12.
-TRITON_TENSORRT: dict[str, str] = {
-    "24.09": "10.4", "24.10": "10.5", "24.11": "10.6", "24.12": "10.7", "25.01": "10.8", "25.02": "10.8",
-    "25.03": "10.9",
+
+
+@dataclass(frozen=True)
+class TritonRelease:
+    """What a Triton release needs of a TensorRT plan and of the host that serves it."""
+
+    tensorrt: str  # the full TensorRT version of its -py3 images (tritonserver, tensorrt): plans must match it
+    driver: int  # the NVIDIA driver branch its CUDA requires (release notes, "Driver Requirements")
+    trtllm_tensorrt: str  # its -trtllm-python-py3 image's TensorRT: another version, not the one plans target
+
+
+# The Triton release a plan is built for. Sources: [notes] Triton release notes rel-YY-MM, "Driver Requirements";
+# [compat] triton-inference-server/server docs/introduction/compatibility.md (its trtllm-python-py3 table only).
+# The -py3 TensorRT versions are NOT verified here (their source, the Frameworks Support Matrix, was not readable):
+# 24.10 and 24.12 match third-party reports, the others are unverified. The driver of 24.09, 24.11, 25.01 and 25.02
+# is the branch of their CUDA as [compat] lists it, not read from their notes.
+TRITON_RELEASES: dict[str, TritonRelease] = {
+    "24.09": TritonRelease("10.4.0.26", 560, "10.4.0"),  # TensorRT unverified; CUDA 12.6.1; trtllm: [compat]
+    "24.10": TritonRelease("10.5.0.18", 560, "10.4.0"),  # TensorRT third-party; [notes]: CUDA 12.6.2, 560; [compat]
+    "24.11": TritonRelease("10.6.0.26", 560, "10.6.0"),  # TensorRT unverified; CUDA 12.6.3; trtllm: [compat]
+    "24.12": TritonRelease("10.7.0.23", 560, "10.7.0"),  # TensorRT third-party; [notes]: CUDA 12.6.3, 560; [compat]
+    "25.01": TritonRelease("10.8.0.43", 570, "10.8.0.43"),  # TensorRT: [compat]'s trtllm image only; CUDA 12.8.0
+    "25.02": TritonRelease("10.8.0.43", 570, "10.8.0.43"),  # TensorRT: [compat]'s trtllm image only; CUDA 12.8.0
+    "25.03": TritonRelease("10.9.0.34", 560, "10.9.0.34"),  # TensorRT: [compat]'s trtllm only; [notes]: 12.8.1, 560
 }
+# Older driver branches the same notes (24.10, 24.12, 25.03) allow on data-center GPUs only, through CUDA's forward
+# compatibility package: branch -> its first release that works.
+DATACENTER_DRIVERS: dict[int, str] = {470: "470.57", 525: "525.85", 535: "535.86", 545: "545.23"}
 # The gate (a key of Gates) of each optimization level and engine precision.
 LEVEL_GATES = {"export": "fp32", "plain": "fp32", "fused": "fp32", "int8": "int8", "fp16": "fp16"}
 ENGINE_GATES = {"fp32": "fp32", "fp16": "fp16"}
@@ -284,11 +306,13 @@ class TensorRT:
     workspace_mib: int = 1024
     triton_release: str = "24.10"
     profiles: tuple[EngineProfile, ...] = ()  # empty: one profile equal to the recipe's
+    version_compatible: bool = False  # BuilderFlag.VERSION_COMPATIBLE: later TensorRT 10 runtimes load the plan
+    hardware_compatibility_level: Literal["none", "ampere+"] = "none"  # ampere+: any GPU of compute capability >= 8.0
 
     def __post_init__(self):
         _check(self.workspace_mib > 0, f"workspace_mib must be a positive integer; got {self.workspace_mib}")
-        _check(self.triton_release in TRITON_TENSORRT,
-               f"unknown Triton release '{self.triton_release}'; known: {', '.join(TRITON_TENSORRT)}")
+        _check(self.triton_release in TRITON_RELEASES,
+               f"unknown Triton release '{self.triton_release}'; known: {', '.join(TRITON_RELEASES)}")
         names = [profile.name for profile in self.profiles]
         _check(len(set(names)) == len(names), f"profile names must be unique; got {names}")
 

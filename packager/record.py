@@ -57,10 +57,10 @@ class EngineFacts:
     """What the manifest records about a TensorRT build (all of it reproducible: no timings, no paths)."""
 
     package: str
-    version: str
+    version: str  # the package's full version (with its build number where the package reports one)
     deployable: bool
     gpu: str
-    compute_capability: str
+    compute_capability: str  # of the GPU that built it: the only one a plan loads on unless built ampere+
     precision: str
     fp16_method: str | None
     graph: str  # the file TensorRT parsed
@@ -69,8 +69,20 @@ class EngineFacts:
     engine_bytes: int
     timing_cache: str  # what the timing cache does for this package
     triton_release: str
-    triton_tensorrt: str
-    tensorrt_matches_triton: bool | None
+    triton_tensorrt: str  # the full TensorRT version of the release's -py3 images
+    tensorrt_matches_triton: bool | None  # the release loads the plan (None: not a Triton plan)
+    driver: str | None = None  # the NVIDIA driver of the building host (None: a build check)
+    version_compatible: bool = False  # built with BuilderFlag.VERSION_COMPATIBLE
+    hardware_compatibility_level: Literal["none", "ampere+"] = "none"  # ampere+: loads on compute capability >= 8.0
+
+
+@dataclass(frozen=True)
+class FailedPlan:
+    """build/<name>.failed-plan/failure.json, beside the plan that failed its runtime gate: why, and how it was
+    built."""
+
+    error: str
+    facts: EngineFacts | None
 
 
 @dataclass(frozen=True)

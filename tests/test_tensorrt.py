@@ -1,6 +1,7 @@
 """The TensorRT step: recipe settings, profiles, the real TensorRT-RTX build (tiny model and MiniLM), loud failures,
-timing cache, the skip path, the target-release check, and the trtexec command (as pipeline.build prints it, its inputs
-run through the build's checks)."""
+timing cache, the skip path, the target-release check, the compatibility settings, and the trtexec command (as
+pipeline.build prints it, its inputs run through the build's checks). The GPU path (preflight, Triton's profile
+choice, the runner) is in test_tensorrt_runtime.py."""
 
 import dataclasses
 import re
@@ -97,6 +98,8 @@ def test_bert_recipe_asks_for_fp16_with_two_profiles_covering_its_profile():
          "no profile accepts batch 1 x sequence 11"),
         ({"profiles": [{"name": "a"}, {"name": "a"}]}, "profile names must be unique"),
         ({"profiles": [{"sequence": [2, 16, 32]}]}, "[tensorrt.profiles[0]] name is missing (a string)"),
+        ({"hardware_compatibility_level": "hopper+"}, "hardware_compatibility_level must be one of 'none', 'ampere+'"),
+        ({"version_compatible": "yes"}, "[tensorrt] version_compatible must be true or false"),
     ],
 )
 def test_bad_tensorrt_sections_are_usage_errors_naming_the_problem(tiny_recipe_embeddings, section, message):
@@ -253,21 +256,60 @@ def test_tensorrt_rtx_has_no_fp16_flag(tiny_recipe_embeddings):
     assert tensorrt.build_mode(settings, tensorrt.BACKENDS["tensorrt"]).builder_flags == ("FP16",)
 
 
-def fake_tensorrt(version: str) -> tensorrt.LoadedBackend:
-    """Only the version string of a full TensorRT (not installable here) matters to the target check."""
-    module = types.ModuleType("tensorrt")
-    module.__version__ = version
-    return tensorrt.LoadedBackend(tensorrt.BACKENDS["tensorrt"], module)
-
-
-def test_target_release_check():
-    assert tensorrt.check_target("24.10", fake_tensorrt("10.5.0.18")).matches is True
-    mismatch = tensorrt.check_target("24.10", fake_tensorrt("10.7.0.23"))
-    assert mismatch.matches is False
-    assert "TensorRT 10.7.0.23 does not match Triton 24.10 (TensorRT 10.5)" in mismatch.message
+def test_target_release_check_names_the_release_version_and_container():
+    full = tensorrt.LoadedBackend(tensorrt.BACKENDS["tensorrt"], types.SimpleNamespace(__version__="10.7.0.23"))
+    mismatch = tensorrt.check_target("24.10", full)
+    assert (mismatch.matches, mismatch.tensorrt) == (False, "10.5.0.18")
+    assert "TensorRT 10.7.0.23 is not Triton 24.10's TensorRT 10.5.0.18" in mismatch.message
     assert "nvcr.io/nvidia/tensorrt:24.10-py3" in mismatch.message
     rtx = tensorrt.check_target("24.10", tensorrt.select_backend("tensorrt-rtx"))
     assert rtx.matches is None and "not served by Triton" in rtx.message
+
+
+def test_compatibility_settings_go_through_the_builder_config_api(tiny_recipe_embeddings):
+    """With full TensorRT's backend entry, _config sets BuilderFlag.VERSION_COMPATIBLE and the config's
+    hardware_compatibility_level; the enums are TensorRT-RTX's (the same TensorRT 10 API names), the flag is read
+    back from a real builder config, the level from a recording one (TensorRT-RTX ignores levels)."""
+    import tensorrt_rtx as trt
+
+    from packager.tensorrt.build import _config
+
+    settings = with_tensorrt(tiny_recipe_embeddings, version_compatible=True,
+                             hardware_compatibility_level="ampere+").tensorrt
+    full = tensorrt.LoadedBackend(tensorrt.BACKENDS["tensorrt"], trt)
+    mode = tensorrt.build_mode(settings, full.backend)
+    config = _config(trt.Builder(trt.Logger()), full, settings, mode)
+    assert config.get_flag(trt.BuilderFlag.VERSION_COMPATIBLE) and not config.get_flag(trt.BuilderFlag.TF32)
+
+    class Recording:
+        def __init__(self):
+            self.flags, self.hardware_compatibility_level = [], None
+
+        def set_memory_pool_limit(self, pool, size):
+            pass
+
+        def clear_flag(self, flag):
+            pass
+
+        def set_flag(self, flag):
+            self.flags.append(flag)
+
+    recorded = _config(types.SimpleNamespace(create_builder_config=Recording), full, settings, mode)
+    assert recorded.flags == [trt.BuilderFlag.VERSION_COMPATIBLE]
+    assert recorded.hardware_compatibility_level == trt.HardwareCompatibilityLevel.AMPERE_PLUS
+    plain = _config(types.SimpleNamespace(create_builder_config=Recording), full, tiny_recipe_embeddings.tensorrt, mode)
+    assert plain.flags == [] and plain.hardware_compatibility_level == trt.HardwareCompatibilityLevel.NONE
+
+
+def test_the_build_check_applies_and_records_no_compatibility_settings(tiny, tmp_path):
+    """TensorRT-RTX has no hardware levels and cannot build VERSION_COMPATIBLE (no lean runtime): not applied, and
+    recorded as not applied."""
+    recipe, model = tiny
+    asked = with_tensorrt(recipe, version_compatible=True, hardware_compatibility_level="ampere+")
+    result = build(model.path, model.spec, asked, tmp_path)
+    assert result.status == "build-check" and "applies no version_compatible" in result.message
+    assert (result.facts.version_compatible, result.facts.hardware_compatibility_level) == (False, "none")
+    assert result.facts.driver is None and result.facts.triton_tensorrt == "10.5.0.18"
 
 
 def test_trtexec_command_builds_the_same_profiles_in_the_release_container(tiny, tmp_path):
@@ -292,6 +334,9 @@ def test_trtexec_command_builds_the_same_profiles_in_the_release_container(tiny,
     flag = with_tensorrt(fp16, fp16_method="flag")
     flagged = tensorrt.trtexec_command(onnx_path, engine, model.spec, flag, cache)
     assert "--fp16" in flagged and "--stronglyTyped" not in flagged
+    portable = with_tensorrt(fp16, version_compatible=True, hardware_compatibility_level="ampere+")
+    assert tensorrt.trtexec_command(onnx_path, engine, model.spec, portable, cache)[-4:-2] == [
+        "--versionCompatible", "--hardwareCompatibilityLevel=ampere+"]
 
 
 # --- the trtexec command the pipeline prints ----------------------------------------------------------------------

@@ -8,7 +8,8 @@ errors or the builder's log, never a None passed on.
 
 - settings: backends, the target Triton release, the build mode of a precision, profile shapes;
 - build: parse, profiles, builder config, timing cache, `build_engine`;
-- runtime: the plan on a GPU host (checked after the build, run for the parity gate);
+- preflight: before any work on a deployable backend: CUDA PyTorch, GPU, driver, the target release's version;
+- runtime: the plan on a GPU host (checked after the build, run for the parity gate on Triton's profile choice);
 - trtexec: the same build as a `docker run ... trtexec` command in the release's container.
 
 The TensorRT packages (and torch) are imported only when a build or a run needs them.
@@ -16,7 +17,8 @@ The TensorRT packages (and torch) are imported only when a build or a run needs 
 
 from packager.tensorrt.build import ENGINE_FILE, EngineResult, build_engine
 from packager.tensorrt.log import EngineBuildError
-from packager.tensorrt.runtime import engine_runner
+from packager.tensorrt.preflight import GpuHost, Preflight, Probes, TorchCuda, preflight
+from packager.tensorrt.runtime import Buffer, CudaDevice, engine_runner, triton_profile
 from packager.tensorrt.settings import (
     BACKEND_CHOICES, BACKENDS, Backend, BackendUnavailable, LoadedBackend, build_mode, check_target, engine_dims,
     profile_shapes, select_backend,
@@ -24,7 +26,8 @@ from packager.tensorrt.settings import (
 from packager.tensorrt.trtexec import docker_available, trtexec_command
 
 __all__ = [
-    "BACKEND_CHOICES", "BACKENDS", "ENGINE_FILE", "Backend", "BackendUnavailable", "EngineBuildError", "EngineResult",
-    "LoadedBackend", "build_engine", "build_mode", "check_target", "docker_available", "engine_dims", "engine_runner",
-    "profile_shapes", "select_backend", "trtexec_command",
+    "BACKEND_CHOICES", "BACKENDS", "ENGINE_FILE", "Backend", "BackendUnavailable", "Buffer", "CudaDevice",
+    "EngineBuildError", "EngineResult", "GpuHost", "LoadedBackend", "Preflight", "Probes", "TorchCuda",
+    "build_engine", "build_mode", "check_target", "docker_available", "engine_dims", "engine_runner", "preflight",
+    "profile_shapes", "select_backend", "triton_profile", "trtexec_command",
 ]

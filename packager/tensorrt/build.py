@@ -20,9 +20,10 @@ from packager.recipe import Recipe, TensorRT
 from packager.record import EngineFacts, EngineStats, EngineStatus, ProfileShapes
 from packager.tensorrt import runtime
 from packager.tensorrt.log import EngineBuildError, build_failure, make_logger
+from packager.tensorrt.preflight import Preflight, preflight
 from packager.tensorrt.settings import (
-    BACKENDS, Backend, BackendUnavailable, BuildMode, LoadedBackend, ShapeRange, TargetCheck, build_mode,
-    check_target, engine_dims, profile_shapes, select_backend,
+    BACKENDS, HARDWARE_LEVELS, Backend, BuildMode, LoadedBackend, ShapeRange, build_mode, engine_dims,
+    profile_shapes,
 )
 
 ENGINE_FILE = "model.plan"
@@ -60,23 +61,22 @@ def build_engine(
     backend: str = "auto",
     backends: Mapping[str, Backend] = BACKENDS,
     fp16_graph: Callable[[], Path] | None = None,
+    checked: Preflight | None = None,
 ) -> EngineResult:
-    """Build the engine of `onnx_path` with the recipe's [tensorrt] profiles and precision.
+    """Build the engine of `onnx_path` with the recipe's [tensorrt] profiles, precision and compatibility.
 
     Returns a skipped result when no TensorRT package is there, a build-check result with TensorRT-RTX (nothing
     written), or a deployable plan at work_dir/model.plan, deserialized and checked against the profiles.
-    `cache_dir` holds the timing cache (one file per package and version); `fp16_graph` makes the fp16 graph an fp16
-    engine of the 'graph' method is built from (the caller's fp16 conversion of `onnx_path`).
+    `checked` is the preflight of `backend` (made here when not given); `cache_dir` holds the timing cache (one file
+    per package and version); `fp16_graph` makes the fp16 graph an fp16 engine of the 'graph' method is built from
+    (the caller's fp16 conversion of `onnx_path`).
     """
     settings = recipe.tensorrt
     shapes = [profile_shapes(spec, profile) for profile in recipe.engine_profiles]
-    try:
-        loaded = select_backend(backend, backends)
-    except BackendUnavailable as exc:
-        return EngineResult("skipped", f"TensorRT step skipped: {exc}")
-    target = check_target(settings.triton_release, loaded)
-    if target.matches is False:
-        say(f"    warning: {target.message}")
+    checked = checked or preflight(settings, backend, backends=backends)
+    loaded = checked.loaded
+    if loaded is None:
+        return EngineResult("skipped", f"TensorRT step skipped: {checked.reason}")
     mode = build_mode(settings, loaded.backend)
     graph = onnx_path
     if mode.fp16_graph:
@@ -85,18 +85,20 @@ def build_engine(
         graph = fp16_graph()
     cache = TimingCache.of(cache_dir, loaded) if cache_dir else None
     built = _build(loaded, graph, spec, recipe, mode, shapes, cache)
-    facts = _facts(loaded, settings, graph, built, target)
+    facts = _facts(loaded, settings, graph, built, checked)
     stats = EngineStats(round(built.seconds, 2), str(cache.path) if cache else None, built.cache_loaded,
                         built.cache_saved)
     if not loaded.backend.deployable:
         message = (f"build check with {loaded.describe()}: graph, profiles and precision build, but no deployable "
                    "engine was produced (Triton cannot serve its plans); the tensorrt_plan model is not "
                    "published. Build on a GPU host with TensorRT for a deployable plan.")
+        if settings.version_compatible or settings.hardware_compatibility_level != "none":
+            message += f" ({loaded.backend.name} applies no version_compatible or hardware_compatibility_level.)"
         return EngineResult("build-check", message, None, built.network, built.profiles, facts, stats)
     engine_path = work_dir / ENGINE_FILE
     work_dir.mkdir(parents=True, exist_ok=True)
     engine_path.write_bytes(built.plan)
-    profiles = runtime.check_plan(loaded, built.plan, built.profiles)
+    profiles = runtime.check_plan(loaded, built.plan, built.profiles, settings.version_compatible)
     message = f"{loaded.describe()} plan for Triton {settings.triton_release}: {engine_path.name}"
     return EngineResult("deployable", message, engine_path, built.network, profiles,
                         dataclasses.replace(facts, profiles=profiles), stats)
@@ -196,6 +198,11 @@ def _config(builder, loaded: LoadedBackend, settings: TensorRT, mode: BuildMode)
     config.clear_flag(trt.BuilderFlag.TF32)  # fp32 means fp32: TF32 matmuls would miss the fp32 gate
     for flag in mode.builder_flags:
         config.set_flag(getattr(trt.BuilderFlag, flag))
+    if loaded.backend.compatibility:
+        if settings.version_compatible:
+            config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)  # the plan embeds its lean runtime
+        level = HARDWARE_LEVELS[settings.hardware_compatibility_level]
+        config.hardware_compatibility_level = getattr(trt.HardwareCompatibilityLevel, level)
     return config
 
 
@@ -264,14 +271,14 @@ class TimingCache:
 
 
 def _facts(loaded: LoadedBackend, settings: TensorRT, graph: Path, built: _SerializedEngine,
-           target: TargetCheck) -> EngineFacts:
-    gpu, capability = runtime.gpu() if loaded.backend.deployable else ("none (build check)", "none (build check)")
+           checked: Preflight) -> EngineFacts:
+    host, applies = checked.host, loaded.backend.compatibility
     return EngineFacts(
         package=loaded.backend.module,
         version=loaded.version,
         deployable=loaded.backend.deployable,
-        gpu=gpu,
-        compute_capability=capability,
+        gpu=host.name if host else "none (build check)",
+        compute_capability=host.compute_capability if host else "none (build check)",
         precision=settings.precision,
         fp16_method=settings.fp16_method if settings.precision == "fp16" else None,
         graph=graph.name,
@@ -279,7 +286,10 @@ def _facts(loaded: LoadedBackend, settings: TensorRT, graph: Path, built: _Seria
         profiles=built.profiles,
         engine_bytes=len(built.plan),
         timing_cache=loaded.backend.timing_cache,
-        triton_release=target.release,
-        triton_tensorrt=target.tensorrt,
-        tensorrt_matches_triton=target.matches,
+        triton_release=checked.target.release,
+        triton_tensorrt=checked.target.tensorrt,
+        tensorrt_matches_triton=checked.target.matches,
+        driver=host.driver if host else None,
+        version_compatible=applies and settings.version_compatible,
+        hardware_compatibility_level=settings.hardware_compatibility_level if applies else "none",
     )

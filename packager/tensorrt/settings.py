@@ -10,7 +10,7 @@ from typing import Mapping
 
 from packager.errors import PackagerError, UsageError
 from packager.iospec import BATCH, SEQUENCE, IOSpec, TensorSpec
-from packager.recipe import TRITON_TENSORRT, EngineProfile, TensorRT
+from packager.recipe import TRITON_RELEASES, EngineProfile, TensorRT
 
 Shape = tuple[int, ...]
 ShapeRange = tuple[Shape, Shape, Shape]  # min, opt, max
@@ -31,17 +31,20 @@ class Backend:
     deployable: bool  # Triton's tensorrt backend loads its plans
     fp16_flag: bool  # has BuilderFlag.FP16 (fp16 on a weakly typed network); else precision comes from the graph
     timing_cache: str  # what the timing cache does for this package
+    compatibility: bool  # applies [tensorrt] version_compatible and hardware_compatibility_level
 
 
 BACKENDS: dict[str, Backend] = {
     "tensorrt": Backend(
         "TensorRT", "tensorrt", "pip install tensorrt (GPU host, the version of the target Triton release)",
         deployable=True, fp16_flag=True, timing_cache="reused: tactic timings are not measured again",
+        compatibility=True,
     ),
     "tensorrt-rtx": Backend(
         "TensorRT-RTX", "tensorrt_rtx", "pip install tensorrt-rtx-cu12 (build check, no GPU needed)",
         deployable=False, fp16_flag=False,
         timing_cache="written and read, but a no-op in TensorRT-RTX (deprecated there since 1.2)",
+        compatibility=False,  # no hardware level ("unsupported"), and VERSION_COMPATIBLE needs a lean runtime it lacks
     ),
 }
 BACKEND_CHOICES = ("auto", *BACKENDS, "none")
@@ -82,29 +85,48 @@ def select_backend(choice: str = "auto", backends: Mapping[str, Backend] = BACKE
 @dataclass(frozen=True)
 class TargetCheck:
     release: str
-    tensorrt: str  # major.minor the release serves
-    matches: bool | None  # None: the installed package makes no Triton plan at all
+    tensorrt: str  # the full version the release serves
+    matches: bool | None  # the release loads the plan (exact version, or a later one of a version-compatible plan);
+    # None: the installed package makes no Triton plan at all
     message: str
 
 
-def check_target(release: str, loaded: LoadedBackend) -> TargetCheck:
-    """Whether the installed package builds plans the release's Triton loads (compared on major.minor)."""
-    expected = TRITON_TENSORRT[release]
+def check_target(release: str, loaded: LoadedBackend, version_compatible: bool = False) -> TargetCheck:
+    """Whether the release's Triton loads plans of the installed package: a plan loads only in the exact TensorRT
+    (major.minor.patch.build) that built it, or, built VERSION_COMPATIBLE, in the same or a later TensorRT of its
+    major version. A version without its build number cannot be confirmed, and does not match."""
+    expected = TRITON_RELEASES[release].tensorrt
     if not loaded.backend.deployable:
         message = (f"Triton {release} serves TensorRT {expected} plans; {loaded.describe()} plans are not served by "
                    "Triton (build check only)")
         return TargetCheck(release, expected, None, message)
-    installed = ".".join(loaded.version.split(".")[:2])
-    if installed == expected:
-        return TargetCheck(release, expected, True, f"TensorRT {loaded.version} matches Triton {release}")
-    message = (f"installed TensorRT {loaded.version} does not match Triton {release} (TensorRT {expected}): its plan "
-               f"will not load there; pip install 'tensorrt=={expected}.*' or build in {container_image(release)}")
+    installed, wanted = _numbers(loaded.version), _numbers(expected)
+    if installed == wanted:
+        return TargetCheck(release, expected, True, f"TensorRT {loaded.version} is Triton {release}'s")
+    older = installed < wanted if len(installed) == 4 else installed[:3] < wanted[:3]
+    if version_compatible and installed[:1] == wanted[:1] and older:
+        return TargetCheck(release, expected, True, f"TensorRT {loaded.version} builds version-compatible plans that "
+                                                    f"Triton {release} (TensorRT {expected}) loads")
+    patch = ".".join(map(str, wanted[:3]))
+    why = ("reports no build number, so it cannot be confirmed as" if installed == wanted[:len(installed)]
+           else "is not")
+    message = (f"installed TensorRT {loaded.version} {why} Triton {release}'s TensorRT {expected}: its plan may not "
+               f"load there; pip install 'tensorrt=={patch}.*' or build in {container_image(release)}")
     return TargetCheck(release, expected, False, message)
 
 
+def _numbers(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split(".") if part.isdigit())
+
+
 def container_image(release: str) -> str:
-    """NVIDIA's TensorRT container of a Triton release (the same TensorRT as its tritonserver image)."""
+    """NVIDIA's TensorRT container of a Triton release (the -py3 images share its TensorRT; -trtllm ones do not)."""
     return f"nvcr.io/nvidia/tensorrt:{release}-py3"
+
+
+# TensorRT's HardwareCompatibilityLevel member of each [tensorrt] hardware_compatibility_level
+HARDWARE_LEVELS = {"none": "NONE", "ampere+": "AMPERE_PLUS"}
+AMPERE = (8, 0)  # the compute capability an ampere+ plan needs, to build and to load
 
 
 # --- precision -> build mode -------------------------------------------------------------------------------------

@@ -23,9 +23,10 @@ def docker_available() -> bool:
 
 
 def trtexec_command(graph: Path, engine_path: Path, spec: IOSpec, recipe: Recipe, timing_cache: Path) -> list[str]:
-    """`docker run ... trtexec ...` building the same engine (profiles, precision, workspace, timing cache) with the
-    TensorRT of the recipe's Triton release. `graph` is the graph the precision needs (build_mode): the fp16 graph
-    for fp16 engines of the 'graph' method, else the plain export. Every path must exist where the command runs."""
+    """`docker run ... trtexec ...` building the same engine (profiles, precision, compatibility, workspace, timing
+    cache) with the TensorRT of the recipe's Triton release. `graph` is the graph the precision needs (build_mode):
+    the fp16 graph for fp16 engines of the 'graph' method, else the plain export. Every path must exist where the
+    command runs."""
     settings = recipe.tensorrt
     mounts = {"onnx": graph.parent, "engine": engine_path.parent, "cache": timing_cache.parent}
     mode = build_mode(settings, BACKENDS["tensorrt"])
@@ -42,5 +43,8 @@ def trtexec_command(graph: Path, engine_path: Path, spec: IOSpec, recipe: Recipe
                                               for name, r in shapes.items()))
     argv += [f"--memPoolSize=workspace:{settings.workspace_mib}M", "--noTF32"]
     argv += ["--stronglyTyped"] if mode.strongly_typed else [f"--{flag.lower()}" for flag in mode.builder_flags]
+    argv += ["--versionCompatible"] if settings.version_compatible else []
+    if settings.hardware_compatibility_level != "none":
+        argv.append(f"--hardwareCompatibilityLevel={settings.hardware_compatibility_level}")
     argv += [f"--timingCacheFile=/work/cache/{timing_cache.name}", "--skipInference"]
     return argv
