@@ -15,7 +15,8 @@ from pathlib import Path
 
 from packager.console import error, say, table
 from packager.errors import PackagerError, first_line
-from packager.recipe import DEVICES, PRECISIONS, TARGETS, TRITON_RELEASES, Range, Recipe, known_recipes, load_recipe
+from packager.recipe import DEVICES, PRECISIONS, TARGETS, Range, Recipe, known_recipes, load_recipe
+from packager.releases import TRITON_RELEASES
 from packager.triton import LAUNCHER_NAMES
 
 TRT_BACKENDS = ("auto", "tensorrt", "tensorrt-rtx", "none")

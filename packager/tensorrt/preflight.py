@@ -15,7 +15,8 @@ from typing import Callable, Mapping
 
 from packager.console import say
 from packager.errors import PackagerError
-from packager.recipe import DATACENTER_DRIVERS, TRITON_RELEASES, TensorRT
+from packager.recipe import TensorRT
+from packager.releases import DATACENTER_DRIVERS, TRITON_RELEASES
 from packager.tensorrt.settings import (
     AMPERE, BACKENDS, Backend, BackendUnavailable, LoadedBackend, TargetCheck, check_target, select_backend,
 )

@@ -10,7 +10,8 @@ from typing import Mapping
 
 from packager.errors import PackagerError, UsageError
 from packager.iospec import BATCH, SEQUENCE, IOSpec, TensorSpec
-from packager.recipe import TRITON_RELEASES, EngineProfile, TensorRT
+from packager.recipe import EngineProfile, TensorRT
+from packager.releases import TRITON_RELEASES
 
 Shape = tuple[int, ...]
 ShapeRange = tuple[Shape, Shape, Shape]  # min, opt, max
