@@ -184,8 +184,8 @@ class Checks:
             if largest > 1:
                 return True, f"{len(requests)} requests, same answers; {batcher.name} joined up to {largest}"
             if not must_join:
-                return True, (f"{len(requests)} requests, same answers; {batcher.name} joined none (it joins only "
-                              "requests of the same shape, and the texts' token lengths differ)")
+                return True, (f"{len(requests)} requests, same answers; {batcher.name} joined none (equal shapes "
+                              "only; the texts' token lengths differ)")
         return False, f"same answers, but {batcher.name} never joined requests in {JOIN_ATTEMPTS} rounds"
 
     def _single_batches(self, model: Model, texts: list[str]) -> list[ValidationBatch]:
