@@ -11,14 +11,16 @@ MODEL ?= bert
 TASK ?=
 ARGS ?=
 PYTEST_ARGS ?=
-# A built onnxruntime backend directory for the Triton image (empty: the image has the python backend only).
+# Triton's r24.10 sources for `make triton-backends` (a .tgz; CI gives one): empty means git clone (needs network).
+TRITON_SRC ?=
+# A built onnxruntime backend directory for the Triton image (empty: the one `make triton-backends` built, if any).
 ORT_BACKEND_DIR ?=
 
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUN := HF_HUB_OFFLINE=1 $(PY) -m packager
 
-.PHONY: venv lock package publish smoke bench list test triton-image clean
+.PHONY: venv lock package publish smoke bench list test triton-backends triton-image clean
 
 # Exactly the locked set (hash-checked, no resolution), then torch, then this project without dependencies.
 # The lock's SHA-256 is kept in the venv: every manifest records which lock built it.
@@ -56,6 +58,11 @@ smoke: $(STAMP)
 
 bench: $(STAMP)
 	$(RUN) bench $(MODEL) $(ARGS)
+
+# Triton's onnxruntime backend for the local launcher's server, built against the venv's ONNX Runtime library and
+# cached in ${XDG_CACHE_HOME:-~/.cache}/triton-packager/backends/ (a no-op when its inputs are unchanged).
+triton-backends: $(STAMP)
+	$(RUN) triton-backends $(if $(TRITON_SRC),--sources "$(TRITON_SRC)")
 
 list: $(STAMP)
 	$(RUN) list

@@ -103,6 +103,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_triton_backends(args: argparse.Namespace) -> int:
+    from packager.triton import backends
+
+    backends.build(Path(args.sources) if args.sources else None)
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     rows = []
     for name in known_recipes():
@@ -153,8 +160,9 @@ def _repository_arguments(parser: argparse.ArgumentParser) -> None:
 def _server_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("live Triton server for the smoke test")
     group.add_argument("--launcher", choices=LAUNCHER_NAMES, default=os.environ.get("PACKAGER_LAUNCHER", "local"),
-                       help="local: the tritonserver of the nvidia-pytriton wheel (python backend only); docker: "
-                            "a container of --image; url: a running server (default: local)")
+                       help="local: the tritonserver of the nvidia-pytriton wheel (python backend, and onnxruntime "
+                            "once `make triton-backends` built it); docker: a container of --image; url: a running "
+                            "server (default: local)")
     group.add_argument("--url", help="with --launcher url: the server's HTTP host:port")
     group.add_argument("--grpc-url", help="with --launcher url: the server's gRPC host:port")
     group.add_argument("--image", help="with --launcher docker: the image, e.g. the local CPU one that `make "
@@ -219,6 +227,15 @@ def build_parser() -> argparse.ArgumentParser:
                                        description=DESCRIPTION)
     add_arguments(bench_parser)
     bench_parser.set_defaults(run=cmd_bench)
+
+    built = commands.add_parser(
+        "triton-backends", help="build Triton's onnxruntime backend for the local launcher's server (cached)",
+        description="Build Triton's onnxruntime backend (r24.10) for the nvidia-pytriton wheel's tritonserver against "
+                    "the installed onnxruntime's library, into $XDG_CACHE_HOME/triton-packager/backends/ (a no-op "
+                    "when built from the same inputs). The local launcher serves onnxruntime models with it.")
+    built.add_argument("--sources", help="a .tgz of Triton's r24.10 sources and the ONNX Runtime C header "
+                                         "(default: git clone, which needs network)")
+    built.set_defaults(run=cmd_triton_backends)
 
     listing = commands.add_parser("list", help="list the known model recipes")
     listing.set_defaults(run=cmd_list)

@@ -5,7 +5,7 @@ tag is missing:
 - the base, `triton-packager/debian:bookworm-<key>`: Debian minbase from debootstrap, `docker import`ed (root);
 - the server, `triton-packager/tritonserver:cpu-<key>` (docker/tritonserver-cpu.Dockerfile): Debian's Python 3.11,
   a venv with the lock's versions of what the python-backend models import, the nvidia-pytriton wheel's
-  tritonserver with its python backend, and Triton's onnxruntime backend when `--ort-backend DIR` gives one.
+  tritonserver with its python backend, and Triton's onnxruntime backend (`--ort-backend DIR`, default: the built one).
 The server image is also tagged `triton-packager/tritonserver:cpu` (the latest built) and labelled with its backends,
 which the docker launcher reads. Progress goes to stderr, the keyed tag to stdout. `--requirements` prints the
 venv's requirements and builds nothing.
@@ -46,18 +46,26 @@ class Failure(Exception):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ort-backend", type=Path, help="a built onnxruntime backend directory to include")
+    parser.add_argument("--ort-backend", type=Path, help="a built onnxruntime backend directory to include "
+                                                         "(default: the one `make triton-backends` built, if any)")
     parser.add_argument("--requirements", action="store_true", help="print the venv's requirements and stop")
     args = parser.parse_args(argv)
     try:
         if args.requirements:
             print(image_requirements(MODEL_IMPORTS), end="")
             return 0
-        print(build(args.ort_backend))
+        print(build(args.ort_backend or built_backend()))
         return 0
     except Failure as failure:
         print(f"error: {failure}", file=sys.stderr)
         return 1
+
+
+def built_backend() -> Path | None:
+    """The onnxruntime backend `make triton-backends` built for this venv's ONNX Runtime, when there is one."""
+    from packager.triton import backends
+
+    return backends.find()
 
 
 def build(ort_backend: Path | None) -> str:

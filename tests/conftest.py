@@ -6,6 +6,8 @@ from tests.tiny_model import tiny_recipe, write_tiny_bert
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+pytest_plugins = ["tests.live_server"]  # the live server's session fixtures, for every module that asks for them
+
 
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory):

@@ -23,6 +23,7 @@ from packager.bench.served import PHASES, closed_loop
 from packager.bench.workload import make_workload, text_of_length, token_count
 from packager.errors import PackagerError, UsageError
 from packager.tasks import get_task
+from tests.live_server import native_backend
 
 TINY_SHAPE = (1, 16)
 CONCURRENCY = (1, 2)
@@ -205,24 +206,32 @@ def test_report_files_and_json_structure(report, build, tiny_recipe_embeddings):
     assert not bad, bad
 
 
+def served_endpoints(name: str) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """Endpoint -> (backend, steps): the python target always, the native one when its backend is built."""
+    python = {f"{name}_python": ("python", (f"{name}_tokenizer", f"{name}_onnx_python")),
+              f"{name}_onnx_python": ("python", (f"{name}_onnx_python",))}
+    native = {name: ("onnxruntime", (f"{name}_tokenizer", f"{name}_onnx")),
+              f"{name}_onnx": ("onnxruntime", (f"{name}_onnx",))}
+    return python | (native if native_backend() else {})
+
+
 def test_served_points_cover_the_grid_with_server_statistics(report, build, tiny_recipe_embeddings):
     result, _ = report
     name = tiny_recipe_embeddings.name
-    served = result.served
+    served, endpoints = result.served, served_endpoints(name)
     assert served.shipped_level == build.record.optimize.shipped and served.server_version
     grid = {(p.protocol, p.model, p.dynamic_batching, p.concurrency) for p in served.points}
-    assert grid == {(protocol, model, batching, clients) for protocol in PROTOCOLS
-                    for model in (f"{name}_python", f"{name}_onnx_python")
+    assert grid == {(protocol, model, batching, clients) for protocol in PROTOCOLS for model in endpoints
                     for batching in (True, False) for clients in CONCURRENCY}
-    assert set(served.not_served) == {name, f"{name}_onnx"}  # the onnxruntime backend is not in the wheel's server
+    # without the built onnxruntime backend, the wheel's server reports the native target as not served
+    assert set(served.not_served) == ({name, f"{name}_onnx"} - set(endpoints))
     for point in served.points:
         times = {t.model: t for t in point.server}
         # Triton counted exactly the timed requests: the warmup came before the first statistics snapshot.
         assert times[point.model].requests == point.latency.requests
         assert all(times[step].requests == point.latency.requests for step in point.steps)
         assert all(point.phase_ms(phase) > 0 for phase in PHASES)
-        if point.input == "text":
-            assert point.steps == (f"{name}_tokenizer", f"{name}_onnx_python")
+        assert (point.backend, point.steps) == endpoints[point.model]
         if not point.dynamic_batching:
             assert point.average_batch == 1.0  # reloaded without dynamic batching: one request per execution
 
@@ -234,9 +243,17 @@ def test_markdown_tables(report, build):
     in_process = result.in_process_table().splitlines()
     served = result.served_table().splitlines()
     assert len(in_process) == 2 + 1 + len(gated_levels(build)) and in_process[2].startswith("| pytorch eager | 1×16 |")
-    assert len(served) == 2 + len(result.served.points) == 2 + 2 * 2 * 2 * len(CONCURRENCY)
+    endpoints = served_endpoints(result.model)
+    assert len(served) == 2 + len(result.served.points) == 2 + len(endpoints) * 2 * 2 * len(CONCURRENCY)
     assert all(line.count("|") == served[0].count("|") for line in served)
-    assert "\n".join(in_process) in text and "\n".join(served) in text
+    assert {f"→ {model} ({backend})" for model, (backend, _) in endpoints.items()} == {
+        line.split(" | ")[1].split(" ", 1)[1] for line in served[2:]}
+    backends = result.backends_table().splitlines()
+    names = sorted({backend for backend, _ in endpoints.values()}, key=["onnxruntime", "python"].index)
+    assert len(backends) == 2 + len(PROTOCOLS) * 2 * len(CONCURRENCY)  # protocol × input × clients, batching on
+    assert all(f"{backend}: p50 ms / seq/s" in backends[0] for backend in names)
+    assert "–" not in "".join(backends[2:])  # every backend and the in-process graph measured at every row
+    assert "\n".join(in_process) in text and "\n".join(served) in text and "\n".join(backends) in text
 
 
 # ---- options

@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from packager.cli import main
+from tests.live_server import require_native_backend
 
 
 def write_recipe(path, model_dir, **fp32_gate):
@@ -129,8 +130,8 @@ def test_a_recipe_name_that_could_leave_its_folder_is_refused(capsys, tmp_path, 
     assert not (tmp_path / "evil").exists()
 
 
-def test_a_failed_live_smoke_publishes_nothing(capsys, tmp_path, tiny_bert_dir):
-    """Only the onnxruntime target: the local server (python backend only) can serve no ensemble of it."""
+def test_a_failed_live_smoke_publishes_nothing(capsys, tmp_path, tiny_bert_dir, without_native_backend):
+    """Only the onnxruntime target, on a local server without the onnxruntime backend: no ensemble can be served."""
     recipe = write_recipe(tmp_path / "tiny.toml", tiny_bert_dir)
     code, out, err = run_cli(capsys, "package", str(recipe), "--build-dir", str(tmp_path / "build"),
                              "--repository", str(tmp_path / "repo"), "--levels", "plain", "--trt-backend", "none",
@@ -140,6 +141,19 @@ def test_a_failed_live_smoke_publishes_nothing(capsys, tmp_path, tiny_bert_dir):
     assert "nothing was published" in out
     assert_one_line_error(err, "live Triton smoke failed")
     assert not (tmp_path / "repo").exists() or not any((tmp_path / "repo").iterdir())
+
+
+def test_the_onnxruntime_target_alone_is_served_natively_and_published(capsys, tmp_path, tiny_bert_dir):
+    """With Triton's onnxruntime backend built, the native target passes the live smoke on its own."""
+    require_native_backend()
+    recipe = write_recipe(tmp_path / "tiny.toml", tiny_bert_dir)
+    code, out, err = run_cli(capsys, "package", str(recipe), "--build-dir", str(tmp_path / "build"),
+                             "--repository", str(tmp_path / "repo"), "--levels", "plain", "--trt-backend", "none",
+                             "--target", "onnxruntime")
+    assert code == 0, err
+    assert "not loadable" not in out and "FAIL" not in out
+    assert "text → PyTorch" in out and "tiny_onnx joined up to" in out
+    assert sorted(path.name for path in (tmp_path / "repo").iterdir()) == ["tiny", "tiny_onnx", "tiny_tokenizer"]
 
 
 def test_url_launcher_publishes_then_smokes_the_running_server(capsys, tmp_path, tiny_bert_dir):

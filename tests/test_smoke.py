@@ -1,22 +1,26 @@
-"""The live smoke against the real tritonserver (python backend only) serving the tiny models' repository."""
+"""The live smoke against the real tritonserver serving the tiny models' repository: the python target always, the
+native onnxruntime target when its backend is built (required in CI)."""
 
 from __future__ import annotations
 
 import dataclasses
 import shutil
 
+import numpy as np
+
 import pytest
 
 pytest.importorskip("pytriton", reason="the local launcher needs nvidia-pytriton")
 
-from packager import source
+from packager import source, validate
 from packager.errors import GateFailed, UsageError
 from packager.iospec import IOSpec
+from packager.triton.client import PROTOCOLS as WIRES, connection
 from packager.triton.discovery import discover, published_models
 from packager.triton.reference import Reference
 from packager.triton.rows import CheckStatus
 from packager.triton.smoke import require, smoke
-from tests.live_server import live_classifier, live_embeddings, live_loaded, live_repository, live_server  # noqa: F401
+from tests.live_server import native_backend, require_native_backend
 from tests.tiny_model import tiny_recipe, write_tiny_bert
 
 PROTOCOLS = ("http", "grpc")
@@ -40,25 +44,68 @@ def checks_of(result, model, protocol):
     return {row.check: row for row in result.rows if row.model == model and row.protocol == protocol}
 
 
+def served_targets(published) -> list[tuple[str, str]]:
+    """(ensemble, model) of each target this server serves: python always, onnxruntime with its built backend."""
+    targets = [(published.named("_python"), published.named("_onnx_python"))]
+    return targets + ([(published.named(""), published.named("_onnx"))] if native_backend() else [])
+
+
+def assert_full_checks(result, ensemble, model, protocol):
+    """Metadata, text through the ensemble and tensors through the model against PyTorch, concurrency, bad requests."""
+    text_checks = checks_of(result, ensemble, protocol)
+    assert {"model ready", "metadata = IO spec", "config = IO spec", "concurrent = one by one",
+            "healthy after bad requests"} <= set(text_checks)  # fmt: skip
+    assert {f"bad request: {bad}" for bad in BAD_REQUESTS} <= set(text_checks)
+    cases = [check for check in text_checks if check.startswith("text → PyTorch")]
+    assert any("longer than max sequence" in c for c in cases) and any("non-ASCII" in c for c in cases)
+    assert all("cosine" in text_checks[c].detail for c in cases)
+
+    token_checks = checks_of(result, model, protocol)
+    assert {"metadata = IO spec", "config = IO spec", "healthy after bad requests"} <= set(token_checks)
+    assert any(check.startswith("tokens → PyTorch") for check in token_checks)
+    assert "joined up to" in token_checks["concurrent = one by one"].detail
+    assert {f"bad request: {bad}" for bad in BAD_REQUESTS} <= set(token_checks)
+    assert all(row.passed for row in [*text_checks.values(), *token_checks.values()])
+
+
 def test_smoke_passes_over_http_and_grpc(embeddings_smoke, live_embeddings):
     assert embeddings_smoke.passed, embeddings_smoke.summary()
-    ensemble, model, tokenizer = (live_embeddings.named(s) for s in ("_python", "_onnx_python", "_tokenizer"))
-    assert set(embeddings_smoke.served) == {ensemble, model, tokenizer}
+    tokenizer = live_embeddings.named("_tokenizer")
+    targets = served_targets(live_embeddings)
+    assert set(embeddings_smoke.served) == {tokenizer, *(name for target in targets for name in target)}
     for protocol in PROTOCOLS:
-        text_checks = checks_of(embeddings_smoke, ensemble, protocol)
-        assert {"model ready", "metadata = IO spec", "config = IO spec", "concurrent = one by one",
-                "healthy after bad requests"} <= set(text_checks)  # fmt: skip
-        assert {f"bad request: {bad}" for bad in BAD_REQUESTS} <= set(text_checks)
-        cases = [check for check in text_checks if check.startswith("text → PyTorch")]
-        assert any("longer than max sequence" in c for c in cases) and any("non-ASCII" in c for c in cases)
-        assert all("cosine" in text_checks[c].detail for c in cases)
-
-        token_checks = checks_of(embeddings_smoke, model, protocol)
-        assert any(check.startswith("tokens → PyTorch") for check in token_checks)
-        assert "joined up to" in token_checks["concurrent = one by one"].detail
-        assert {f"bad request: {bad}" for bad in BAD_REQUESTS} <= set(token_checks)
+        for ensemble, model in targets:
+            assert_full_checks(embeddings_smoke, ensemble, model, protocol)
         assert checks_of(embeddings_smoke, tokenizer, protocol)["tokens = HF tokenizer"].passed
-        assert checks_of(embeddings_smoke, f"{model}_no_such_model", protocol)["bad request: unknown model"].passed
+        unknown = f"{targets[-1][1]}_no_such_model"
+        assert checks_of(embeddings_smoke, unknown, protocol)["bad request: unknown model"].passed
+
+
+def test_the_native_backend_serves_the_onnx_model_and_its_ensemble(embeddings_smoke, live_embeddings):
+    """Triton's onnxruntime backend, built against the ORT library that gated the graph: the same checks as the
+    python target; its batcher joins only equal shapes, so the ensemble's ragged texts need not be joined."""
+    require_native_backend()
+    ensemble, model = live_embeddings.named(""), live_embeddings.named("_onnx")
+    assert {ensemble, model} <= set(embeddings_smoke.served) and not embeddings_smoke.not_loadable
+    for protocol in PROTOCOLS:
+        assert_full_checks(embeddings_smoke, ensemble, model, protocol)
+        joined = checks_of(embeddings_smoke, ensemble, protocol)["concurrent = one by one"].detail
+        assert f"{model} joined up to" in joined or f"{model} joined none" in joined
+
+
+def test_the_native_backend_computes_what_onnxruntime_computes_in_process(
+    live_server, live_repository, live_embeddings, live_loaded
+):
+    """The served graph's answers equal the same graph on the in-process ONNX Runtime: one library, one version."""
+    require_native_backend()
+    model = live_embeddings.named("_onnx")
+    graph = live_repository / model / "1" / "model.onnx"
+    batch = live_embeddings.reference.tokenize(validate.VALIDATION_TEXTS[:4])
+    expected = validate.onnxruntime_runner(graph, live_embeddings.spec)(batch.inputs)
+    with connection(WIRES["grpc"], live_server) as client:
+        served = client.infer(model, batch.inputs, list(live_embeddings.spec.output_names))
+    for name, values in served.items():
+        np.testing.assert_allclose(values, expected[name], rtol=0, atol=1e-5, err_msg=name)
 
 
 def test_bad_requests_show_tritons_errors(embeddings_smoke, live_embeddings):
@@ -70,23 +117,32 @@ def test_bad_requests_show_tritons_errors(embeddings_smoke, live_embeddings):
         assert "missing required input" in checks["bad request: missing input"].detail
 
 
-def test_models_without_their_backend_are_reported_not_passed(embeddings_smoke, live_embeddings):
+def test_models_without_their_backend_are_reported_not_passed(tmp_path, live_repository, live_embeddings,
+                                                             without_native_backend):
+    """A local server of its own, without the onnxruntime backend: the native target is reported, not passed."""
     onnxruntime_model, onnxruntime_ensemble = live_embeddings.named("_onnx"), live_embeddings.named("")
+    models = [onnxruntime_model, onnxruntime_ensemble]
+    result = smoke(live_repository, live_embeddings.reference, "local", models=models)
     expected = "not loadable on this server: backend onnxruntime missing"
-    assert embeddings_smoke.not_loadable == {onnxruntime_model: expected, onnxruntime_ensemble: expected}
-    assert onnxruntime_model not in embeddings_smoke.served
-    summary = embeddings_smoke.summary()
+    assert result.not_loadable == {onnxruntime_model: expected, onnxruntime_ensemble: expected}
+    assert not result.served and [row.check for row in result.failures] == ["text end to end"]
+    summary = result.summary()
     assert "Models in the repository" in summary and expected in summary
 
 
 def test_loading_serves_what_the_server_has_a_backend_for(live_loaded, live_embeddings, live_classifier):
     for published in (live_embeddings, live_classifier):
-        ensemble, tokenizer = published.named("_python"), published.named("_tokenizer")
-        assert live_loaded[ensemble].status is CheckStatus.PASS and live_loaded[ensemble].detail.startswith("loaded in")
-        assert live_loaded[tokenizer].detail == f"loaded as a step of {ensemble}"
+        ensembles = {published.named("_python"), published.named("")}
+        python_ensemble, tokenizer = published.named("_python"), published.named("_tokenizer")
+        assert live_loaded[python_ensemble].status is CheckStatus.PASS
+        assert live_loaded[python_ensemble].detail.startswith("loaded in")
+        assert live_loaded[tokenizer].detail in {f"loaded as a step of {ensemble}" for ensemble in ensembles}
         for name in (published.named("_onnx"), published.named("")):
             row = live_loaded[name]
-            assert row.status is CheckStatus.SKIP and "backend onnxruntime missing" in row.detail
+            if native_backend():
+                assert row.status is CheckStatus.PASS, row.detail
+            else:
+                assert row.status is CheckStatus.SKIP and "backend onnxruntime missing" in row.detail
 
 
 def test_classifier_is_checked_with_argmax(live_server, live_repository, live_classifier, live_loaded):
@@ -129,8 +185,10 @@ def test_a_spec_that_differs_from_the_served_config_fails_metadata_and_config(
     assert f"input '{name}': served TYPE_INT64 [-1], expected TYPE_INT32 [-1]" in checks["config = IO spec"].detail
 
 
-def test_a_broken_config_fails_naming_the_model_and_the_cause(tmp_path, live_repository, live_embeddings):
-    """A local server of its own: the GPU instance group cannot load on a CPU-only server."""
+def test_a_broken_config_fails_naming_the_model_and_the_cause(tmp_path, live_repository, live_embeddings,
+                                                             without_native_backend):
+    """A local server of its own, without the onnxruntime backend: the GPU instance group cannot load on a CPU-only
+    server."""
     repository = tmp_path / "model_repository"
     for name in live_embeddings.models:
         shutil.copytree(live_repository / name, repository / name)

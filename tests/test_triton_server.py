@@ -19,6 +19,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
 from packager.errors import PackagerError, UsageError
+from packager.triton import backends
 from packager.triton.server import LocalLauncher, TritonServer, available_backends, load_models, required_backend, serve
 
 ADD_ONE_CONFIG = """
@@ -60,8 +61,8 @@ def repository(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("model_repository")
     write_python_model(root, "add_one")
     write_python_model(root, "broken_init", initialize='raise RuntimeError("tokenizer file is missing")')
-    (root / "needs_onnxruntime" / "1").mkdir(parents=True)
-    (root / "needs_onnxruntime" / "config.pbtxt").write_text('platform: "onnxruntime_onnx"\nmax_batch_size: 8\n')
+    (root / "needs_pytorch" / "1").mkdir(parents=True)  # a backend neither the wheel has nor this project builds
+    (root / "needs_pytorch" / "config.pbtxt").write_text('platform: "pytorch_libtorch"\nmax_batch_size: 8\n')
     return root
 
 
@@ -73,7 +74,7 @@ def server(repository):
 
 @pytest.fixture(scope="module")
 def loaded(server):
-    return load_models(server, ["add_one", "broken_init", "needs_onnxruntime", "no_such_model"])
+    return load_models(server, ["add_one", "broken_init", "needs_pytorch", "no_such_model"])
 
 
 def test_add_one_answers_over_http_and_grpc(server, loaded):
@@ -99,9 +100,9 @@ def test_failed_loads_keep_tritons_error_naming_model_and_cause(loaded):
     assert not broken.ok
     assert "broken_init" in broken.error and "tokenizer file is missing" in broken.error
 
-    missing_backend = loaded["needs_onnxruntime"]
+    missing_backend = loaded["needs_pytorch"]
     assert not missing_backend.ok
-    assert "needs_onnxruntime" in missing_backend.error and "'onnxruntime'" in missing_backend.error
+    assert "needs_pytorch" in missing_backend.error and "backend 'pytorch'" in missing_backend.error
 
     assert "no_such_model" in loaded["no_such_model"].error
 
@@ -128,7 +129,7 @@ def test_url_launcher_uses_a_running_server_without_stopping_it(server, reposito
 
 
 def test_available_backends(server):
-    assert available_backends("local") == {"python"} == server.backends
+    assert available_backends("local") == {"python"} | ({"onnxruntime"} if backends.find() else set()) == server.backends
     with pytest.raises(UsageError, match="choose one of local, docker, url"):
         available_backends("podman")
 
@@ -168,16 +169,14 @@ def test_early_exit_is_one_line_with_the_servers_error_and_a_kept_log(tmp_path):
 
 @pytest.mark.parametrize("damage, message", [("missing", "does not exist"), ("not executable", "is not executable")])
 def test_a_missing_or_broken_server_binary_is_one_line(tmp_path, monkeypatch, damage, message):
-    from packager.triton import server as server_module
-
     fake = tmp_path / "tritonserver"
     (fake / "bin").mkdir(parents=True)
     (fake / "backends" / "python").mkdir(parents=True)
-    real = server_module._pytriton_server_dir()
+    real = backends.wheel_server_dir()
     (fake / "python_backend_stubs").symlink_to(real / "python_backend_stubs")
     if damage == "not executable":
         (fake / "bin" / "tritonserver").write_text("#!/bin/sh\n")
-    monkeypatch.setattr(server_module, "_pytriton_server_dir", lambda: fake)
+    monkeypatch.setattr(backends, "wheel_server_dir", lambda: fake)
     with pytest.raises(PackagerError, match=message) as failure, serve("local", tmp_path):
         pass
     assert "\n" not in str(failure.value)

@@ -56,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     grid.add_argument("--protocols", default=",".join(PROTOCOL_NAMES), help="http,grpc (default: both)")
     grid.add_argument("--no-serve", action="store_true", help="in process only: no Triton server")
     grid.add_argument("--launcher", choices=SERVING_LAUNCHERS, default="local",
-                      help="the Triton server: local (the nvidia-pytriton wheel's, python backend only) or docker "
+                      help="the Triton server: local (the nvidia-pytriton wheel's: python backend, onnxruntime once "
+                           "`make triton-backends` built it) or docker "
                            "(the NGC image, every backend; needs a docker daemon) (default: local)")
     limits = parser.add_argument_group("limits")
     limits.add_argument("--passes", type=int, default=Budget.passes, help="in-process interleaved passes (default 3)")
@@ -97,5 +98,6 @@ def run(args: argparse.Namespace) -> int:
     say("\n" + report.in_process_table())
     if report.served:
         say("\n" + report.served_table())
+        say("\n" + report.backends_table())
     say(f"\nreport: {paths['markdown']}, {paths['json']}, {paths['plot']}")
     return 0

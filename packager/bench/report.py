@@ -94,13 +94,34 @@ class Report:
             compute = self.compute(p.batch, p.sequence, p.latency, precision)
             phases = " / ".join(f"{p.phase_ms(phase):.2f}" for phase in PHASES)
             batch = f"{p.average_batch:.2f}" if p.average_batch else "–"
-            rows.append([p.protocol, f"{p.input} → {p.model}", "on" if p.dynamic_batching else "off",
+            rows.append([p.protocol, f"{p.input} → {p.model} ({p.backend})", "on" if p.dynamic_batching else "off",
                          f"{p.batch}×{p.sequence}", p.concurrency, *_latency_cells(p.latency, p.batch),
                          f"{ratio['p50_vs_pytorch']:.2f}×", f"{ratio['throughput_vs_pytorch']:.2f}×",
                          *_compute_cells(compute, precision), phases, batch])
-        headers = ["protocol", "input → model", "dynamic batching", "batch×seq", "clients", "p50 ms", "p90 ms",
-                   "p99 ms", "inf/s", "seq/s", "p50 vs PyTorch", "throughput vs PyTorch", "GFLOP/s", "% of peak",
-                   "server ms: queue / input / infer / output", "avg batch"]
+        headers = ["protocol", "input → model (backend)", "dynamic batching", "batch×seq", "clients", "p50 ms",
+                   "p90 ms", "p99 ms", "inf/s", "seq/s", "p50 vs PyTorch", "throughput vs PyTorch", "GFLOP/s",
+                   "% of peak", "server ms: queue / input / infer / output", "avg batch"]
+        return markdown_table(headers, rows)
+
+    def backends_table(self) -> str:
+        """Each served backend side by side with the shipped graph in process, dynamic batching on: p50 and
+        sequences/s per protocol, input, shape and client count, and each backend's p50 over the in-process p50."""
+        points = [p for p in self.served.points if p.dynamic_batching]
+        names = list(dict.fromkeys(p.backend for p in points))
+        shipped = f"onnxruntime {self.served.shipped_level}"
+        by_key = {(p.protocol, p.input, p.batch, p.sequence, p.concurrency, p.backend): p for p in points}
+        rows = []
+        for protocol, kind, batch, sequence, clients in dict.fromkeys(key[:5] for key in by_key):
+            local = next((m.latency for m in self.in_process
+                          if m.candidate == shipped and (m.batch, m.sequence) == (batch, sequence)), None)
+            served = [by_key.get((protocol, kind, batch, sequence, clients, name)) for name in names]
+            cells = [f"{p.latency.p50_ms:.1f} / {p.latency.inferences_per_s * batch:.1f}" if p else "–"
+                     for p in served]
+            ratios = [f"{p.latency.p50_ms / local.p50_ms:.2f}×" if p and local else "–" for p in served]
+            rows.append([protocol, kind, f"{batch}×{sequence}", clients,
+                         f"{local.p50_ms:.1f}" if local else "–", *cells, *ratios])
+        headers = ["protocol", "input", "batch×seq", "clients", f"in process ({shipped}) p50 ms",
+                   *(f"{name}: p50 ms / seq/s" for name in names), *(f"{name} p50 / in process" for name in names)]
         return markdown_table(headers, rows)
 
     def markdown(self) -> str:
@@ -136,6 +157,11 @@ class Report:
                 "PyTorch eager at the same batch×sequence, one call at a time. Server times are Triton's statistics "
                 "per request, summed over the models a request runs through; avg batch is what the model executed."
                 + (f" Not served here: {skipped}." if skipped else ""),
+                "### Backends side by side",
+                "Dynamic batching on. The ensemble (text in) includes the tokenizer model; in process is the shipped "
+                "graph on ONNX Runtime in this process with the same tokens, one call at a time.",
+                self.backends_table(),
+                "### Every point",
                 self.served_table(),
                 f"![latency against throughput]({REPORT_FILES['plot']})",
             ]
@@ -143,7 +169,8 @@ class Report:
 
     def plot(self, path: Path) -> Path:
         """p50 latency against sequences/s: a line per served configuration over its client counts (one colour per
-        protocol, input and shape; dashed without dynamic batching), a point per in-process candidate and shape."""
+        protocol, input, backend and shape; dashed without dynamic batching), a point per in-process candidate and
+        shape."""
         try:
             from matplotlib.figure import Figure
             from matplotlib.ticker import FuncFormatter
@@ -160,15 +187,17 @@ class Report:
         colours = itertools.cycle(f"C{index}" for index in range(10))
         lines: dict[tuple, list[Served]] = {}
         for p in self.served.points if self.served else []:
-            lines.setdefault((p.protocol, p.input, p.model, p.batch, p.sequence, p.dynamic_batching), []).append(p)
+            lines.setdefault((p.protocol, p.input, p.model, p.backend, p.batch, p.sequence, p.dynamic_batching),
+                             []).append(p)
         line_colours: dict[tuple, str] = {}
-        for (protocol, kind, model, batch, sequence, batching), points in lines.items():
+        for (protocol, kind, model, backend, batch, sequence, batching), points in lines.items():
             points.sort(key=lambda p: p.concurrency)
             x = [p.latency.inferences_per_s * p.batch for p in points]
             y = [p.latency.p50_ms for p in points]
-            colour = line_colours.setdefault((protocol, kind, batch, sequence), next(colours))
+            colour = line_colours.setdefault((protocol, kind, backend, batch, sequence), next(colours))
             axes.plot(x, y, marker="o", color=colour, linestyle="-" if batching else "--",
-                      label=f"{protocol} {kind}→{model} {batch}×{sequence}, batching {'on' if batching else 'off'}")
+                      label=f"{protocol} {kind}→{model} ({backend}) {batch}×{sequence}, "
+                            f"batching {'on' if batching else 'off'}")
             for p, xi, yi in zip(points, x, y):
                 axes.annotate(str(p.concurrency), (xi, yi), textcoords="offset points", xytext=(3, 3), fontsize=7)
         axes.set_xscale("log")

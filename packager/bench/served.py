@@ -29,7 +29,7 @@ from packager.validate import Inputs
 
 PHASES = ("queue", "compute_input", "compute_infer", "compute_output")  # Triton's per-request server-side times
 ADMIN_TIMEOUT_S = 300.0  # statistics calls and the reloads that turn dynamic batching off
-STATISTICS_READS, STATISTICS_INTERVAL_S = 20, 0.05  # until two reads agree
+STATISTICS_TIMEOUT_S, STATISTICS_INTERVAL_S = 60.0, 0.02  # until Triton has counted every request sent
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,7 @@ class Endpoint:
 
     model: Model
     steps: tuple[str, ...]  # the ensemble's steps, or the model itself
+    backend: str  # the backend that runs the graph: Triton's onnxruntime (native) or python
 
     @property
     def input(self) -> str:
@@ -85,10 +86,12 @@ class Served:
     latency: Latency
     server: tuple[ServerTimes, ...]  # the endpoint, then its steps (for an ensemble)
     steps: tuple[str, ...]
+    backend: str
 
     @property
     def configuration(self) -> str:
-        return f"triton {self.protocol} {self.input}→{self.model} batching {'on' if self.dynamic_batching else 'off'}"
+        return (f"triton {self.protocol} {self.input}→{self.model} ({self.backend}) "
+                f"batching {'on' if self.dynamic_batching else 'off'}")
 
     def phase_ms(self, phase: str) -> float:
         """A server-side phase per request, summed over the models the request runs through."""
@@ -110,8 +113,10 @@ class ServedResult:
 
 def endpoints_of(models: Sequence[Model]) -> list[Endpoint]:
     """Every loaded ensemble and model that takes requests (the tokenizer is measured as an ensemble's step)."""
-    ends = [Endpoint(model, tuple(model.steps)) for model in models if model.role is Role.ENSEMBLE]
-    return ends + [Endpoint(model, (model.name,)) for model in models if model.role is Role.MODEL]
+    graphs = {model.name: model for model in models if model.role is Role.MODEL}
+    ends = [Endpoint(model, tuple(model.steps), next(graphs[step].backend for step in model.steps if step in graphs))
+            for model in models if model.role is Role.ENSEMBLE]
+    return ends + [Endpoint(model, (model.name,), model.backend) for model in graphs.values()]
 
 
 def measure_served(repository_root: Path, workloads: Sequence[Workload], options: BenchOptions,
@@ -168,21 +173,24 @@ def measure_point(
     model = endpoint.model
     names = (model.name, *endpoint.steps) if model.role is Role.ENSEMBLE else endpoint.steps
     inputs = endpoint.request(workload)
+    start = _statistics(admin, names)  # every earlier request is counted: each point waits for its own
     before: dict[str, dict[str, int]] = {}
+    warmups = concurrency * budget.warmup
 
     @contextmanager
     def connect() -> Iterator[Callable[[bool], None]]:
         with connection(wire, server) as client:
             yield _call(client, model, inputs, workload.batch)
 
-    latencies, seconds = closed_loop(connect, concurrency, budget, lambda: before.update(_settled(admin, names)))
-    after = _settled(admin, names)
+    latencies, seconds = closed_loop(connect, concurrency, budget,
+                                     lambda: before.update(_counted(admin, names, start, warmups)))
+    after = _counted(admin, names, before, len(latencies))
     times = tuple(_server_times(name, before[name], after[name]) for name in names)
     samples = Timing(tuple(latencies))
     latency = Latency(len(latencies), samples.median_ms, samples.percentile_ms(90), samples.percentile_ms(99),
                       len(latencies) / seconds)
     return Served(wire.name, model.name, endpoint.input, batching, workload.batch, workload.sequence, concurrency,
-                  latency, times, endpoint.steps)
+                  latency, times, endpoint.steps, endpoint.backend)
 
 
 def _call(client: Client, model: Model, inputs: Inputs, rows: int) -> Callable[[bool], None]:
@@ -268,16 +276,21 @@ def _error_text(error: Exception) -> str:
     return " ".join((message or type(error).__name__).split())
 
 
-def _settled(admin: Client, names: Sequence[str]) -> dict[str, dict[str, int]]:
-    """The statistics once they stop changing: Triton counts a request just after its response is sent."""
-    current = _statistics(admin, names)
-    for _ in range(STATISTICS_READS):
+def _counted(admin: Client, names: Sequence[str], since: dict[str, dict[str, int]],
+             requests: int) -> dict[str, dict[str, int]]:
+    """The statistics once every model has counted `requests` more than `since`: Triton counts a request just
+    after its response is sent (each ensemble step counts each of the ensemble's requests once)."""
+    deadline = time.monotonic() + STATISTICS_TIMEOUT_S
+    while True:
+        current = _statistics(admin, names)
+        behind = [name for name in names
+                  if current[name].get("requests", 0) < since[name].get("requests", 0) + requests]
+        if not behind:
+            return current
+        if time.monotonic() > deadline:
+            raise PackagerError(f"Triton's statistics of {behind[0]} did not count {requests} requests within "
+                                f"{STATISTICS_TIMEOUT_S:.0f} s")
         time.sleep(STATISTICS_INTERVAL_S)
-        again = _statistics(admin, names)
-        if again == current:
-            break
-        current = again
-    return current
 
 
 def _statistics(admin: Client, names: Sequence[str]) -> dict[str, dict[str, int]]:

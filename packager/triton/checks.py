@@ -155,29 +155,38 @@ class Checks:
     # -- concurrency
 
     def concurrent(self, model: Model) -> tuple[bool, str]:
-        """Single-text requests sent at once give the answers they give one by one; the batcher joins them."""
+        """Single-text requests sent at once give the answers they give one by one; the batcher joins them.
+
+        A join is required where the batcher can join these requests: the model itself (its requests share one
+        padded length, or it takes ragged batches) or an ensemble's model step that takes ragged batches. An
+        ensemble's step that joins only equal shapes (Triton's onnxruntime backend) reports what it joined.
+        """
         texts = [validate.VALIDATION_TEXTS[i % len(validate.VALIDATION_TEXTS)] for i in range(CONCURRENT_REQUESTS)]
         batches = self._single_batches(model, texts)
         requests = [self._inputs(model, batch) for batch in batches]
+        expected = [self.reference.runner(batch.inputs) for batch in batches]  # PyTorch at each request's padding
         alone = [self.client.infer(model.name, request, model.output_names) for request in requests]
-        joined_model = self._batching_model(model)
-        for _ in range(JOIN_ATTEMPTS if joined_model else 1):
-            before = self.client.batch_counts(joined_model.name) if joined_model else {}
+        batcher = self._batching_model(model)
+        must_join = batcher is not None and (model.role is Role.MODEL or batcher.ragged)
+        for _ in range(JOIN_ATTEMPTS if must_join else 1):
+            before = self.client.batch_counts(batcher.name) if batcher else {}
             together = infer_at_once(self.client, model.name, requests, model.output_names)
-            for batch, one, many in zip(batches, alone, together):
+            for batch, reference, one, many in zip(batches, expected, alone, together):
                 passed, detail = self.reference.invariant(batch, one, many, _gate(model).max_invariance)
                 if passed:
-                    passed, detail = self.reference.compare(batch, self.reference.answer(batch.texts), many,
-                                                            _gate(model))
+                    passed, detail = self.reference.compare(batch, reference, many, _gate(model))
                 if not passed:
                     return False, f"{batch.texts[0][:40]!r}: {detail}"
-            if joined_model is None:
+            if batcher is None:
                 return True, f"{len(requests)} requests, same answers (no dynamic batcher here can join them)"
-            after = self.client.batch_counts(joined_model.name)
+            after = self.client.batch_counts(batcher.name)
             largest = max((size for size, count in after.items() if count > before.get(size, 0)), default=0)
             if largest > 1:
-                return True, f"{len(requests)} requests, same answers; {joined_model.name} joined up to {largest}"
-        return False, f"same answers, but {joined_model.name} never joined requests in {JOIN_ATTEMPTS} rounds"
+                return True, f"{len(requests)} requests, same answers; {batcher.name} joined up to {largest}"
+            if not must_join:
+                return True, (f"{len(requests)} requests, same answers; {batcher.name} joined none (equal shapes "
+                              "only; the texts' token lengths differ)")
+        return False, f"same answers, but {batcher.name} never joined requests in {JOIN_ATTEMPTS} rounds"
 
     def _single_batches(self, model: Model, texts: list[str]) -> list[ValidationBatch]:
         """One batch per text: at its own length when the model takes ragged batches, else all at one length."""
@@ -191,13 +200,11 @@ class Checks:
         ]
 
     def _batching_model(self, model: Model) -> Model | None:
-        """The model whose dynamic batcher can join these requests, if any: the model itself, or an ensemble's
-        step that takes ragged batches (without, the tokenizer's different lengths cannot be joined)."""
-        if model.role is Role.MODEL:
-            return model if model.batches_dynamically else None
+        """The model whose dynamic batcher sees these requests, if any: the model itself, or an ensemble's model
+        step (its tokenizer's outputs have each text's own length)."""
         by_name = {m.name: m for m in self.served}
-        steps = [by_name[step] for step in model.steps if step in by_name]
-        return next((m for m in steps if m.batches_dynamically and m.ragged), None)
+        steps = [model] if model.role is Role.MODEL else [by_name[step] for step in model.steps if step in by_name]
+        return next((m for m in steps if m.role is Role.MODEL and m.batches_dynamically), None)
 
     # -- bad requests and health
 

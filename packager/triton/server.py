@@ -1,7 +1,8 @@
 """Start, wait for and stop a Triton Inference Server, and load models into it.
 
 Three launchers share one interface (`LAUNCHERS`): `local` runs the tritonserver binary shipped in the
-nvidia-pytriton wheel (python backend only), `docker` runs a container (docker.py), `url` uses a server that is
+nvidia-pytriton wheel (its python backend, plus the onnxruntime backend once `make triton-backends` has built it,
+see triton.backends), `docker` runs a container (docker.py), `url` uses a server that is
 already running. `serve()` always stops what it started, also on errors and Ctrl-C.
 """
 
@@ -29,6 +30,7 @@ from tritonclient.utils import InferenceServerException
 
 from packager.errors import PackagerError, UsageError
 from packager.triton import LAUNCHER_NAMES
+from packager.triton import backends as built_backends
 from packager.triton.docker import DockerLauncher
 from packager.triton.process import CPU_FLAGS, SERVER_FLAGS, TritonServer, free_ports, spawn, stop_process
 
@@ -71,7 +73,8 @@ class Launcher(Protocol):
 
 
 class LocalLauncher:
-    """The tritonserver binary from the nvidia-pytriton wheel, run in its own process group."""
+    """The tritonserver binary from the nvidia-pytriton wheel, run in its own process group, with the wheel's
+    backends and the onnxruntime backend built for it (when `make triton-backends` has built it)."""
 
     def __init__(self, log_path: Path | str | None = None):
         self._tempdir = tempfile.TemporaryDirectory(prefix="triton-")  # removed on stop, log included
@@ -80,10 +83,10 @@ class LocalLauncher:
 
     @classmethod
     def backends(cls) -> frozenset[str]:
-        return frozenset(path.name for path in (_pytriton_server_dir() / "backends").iterdir() if path.is_dir())
+        return frozenset(_backend_folders(built_backends.wheel_server_dir()))
 
     def start(self, repository: Path) -> TritonServer:
-        server_dir = _pytriton_server_dir()
+        server_dir = built_backends.wheel_server_dir()
         http, grpc, metrics = free_ports(3)
         command = [
             str(server_dir / "bin" / "tritonserver"),
@@ -103,16 +106,18 @@ class LocalLauncher:
             self._tempdir.cleanup()
 
     def _backend_directory(self, server_dir: Path) -> Path:
-        """Symlinks to the wheel's backends, plus the python stub for the running Python."""
+        """Symlinks to each backend's files (the wheel's and the built onnxruntime backend), plus the python stub
+        for the running Python. The python backend's files stay in the wheel (as symlinks), where they find the
+        wheel's libraries."""
         version = f"{sys.version_info.major}.{sys.version_info.minor}"
         stub = server_dir / "python_backend_stubs" / version / "triton_python_backend_stub"
         if not stub.exists():
             raise PackagerError(f"nvidia-pytriton has no python backend stub for Python {version}")
         backends = self._workdir / "backends"
-        for backend in (server_dir / "backends").iterdir():
-            target = backends / backend.name
+        for name, folder in _backend_folders(server_dir).items():
+            target = backends / name
             target.mkdir(parents=True, exist_ok=True)
-            for item in backend.iterdir():
+            for item in folder.iterdir():
                 if item.name != "__pycache__":
                     (target / item.name).symlink_to(item)
         (backends / "python" / stub.name).symlink_to(stub)
@@ -239,12 +244,13 @@ def _launcher_class(name: str) -> type[Launcher]:
         raise UsageError(f"unknown Triton launcher {name!r}; choose one of {', '.join(LAUNCHERS)}") from None
 
 
-def _pytriton_server_dir() -> Path:
-    try:
-        import pytriton
-    except ImportError:
-        raise PackagerError("the local Triton launcher needs nvidia-pytriton: pip install '.[triton]'") from None
-    return Path(pytriton.__file__).parent / "tritonserver"
+def _backend_folders(server_dir: Path) -> dict[str, Path]:
+    """Backend name -> folder: the wheel's, plus the onnxruntime backend built for this server, when there is one."""
+    folders = {path.name: path for path in (server_dir / "backends").iterdir() if path.is_dir()}
+    built = built_backends.find()
+    if built is not None:
+        folders.setdefault(built_backends.BACKEND, built)
+    return folders
 
 
 def _bind_flags(address: str, http: int, grpc: int, metrics: int) -> list[str]:
