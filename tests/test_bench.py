@@ -17,6 +17,7 @@ from packager import source
 from packager.bench.cli import add_arguments, options_from_args
 from packager.bench.flops import Peak, best_peaks, measure_peaks, model_flops
 from packager.bench.measure import benchmark, ensure_build
+from packager.bench.mixed import mixed_lengths
 from packager.bench.options import BenchOptions, Budget, LoadBudget
 from packager.bench.in_process import PYTORCH, graphs_of, interleaved, measure_in_process
 from packager.bench.served import PHASES, closed_loop
@@ -301,3 +302,23 @@ def test_best_peaks_keeps_the_highest_measurement_per_precision():
     early = {"fp32": Peak("fp32", 100.0, "a"), "int8": Peak("int8", 500.0, "a")}
     late = {"fp32": Peak("fp32", 150.0, "b"), "int8": Peak("int8", 400.0, "b")}
     assert best_peaks(early, late) == {"fp32": late["fp32"], "int8": early["int8"]}
+
+
+def test_mixed_length_clients_go_through_every_ensemble_with_buckets_on_and_off(report, tiny_recipe_embeddings):
+    result, paths = report
+    name = tiny_recipe_embeddings.name
+    mixed = result.served.mixed
+    ensembles = {p.model for p in mixed}
+    assert f"{name}_python" in ensembles
+    for ensemble in ensembles:
+        assert sorted(p.buckets for p in mixed if p.model == ensemble) == [False, True]
+    assert all(p.lengths == (8, 16) and p.clients == 2 and p.latency.requests > 0 for p in mixed)
+    assert all(p.average_batch is None or p.average_batch >= 1 for p in mixed)
+    data = json.loads(paths["json"].read_text())
+    assert len(data["served"]["mixed_lengths"]) == len(mixed)
+    assert "### Mixed lengths: what length buckets do" in paths["markdown"].read_text()
+
+
+def test_mixed_lengths_spread_from_the_shortest_to_the_longest():
+    assert mixed_lengths(8, 128, 8) == (8, 12, 18, 26, 39, 58, 86, 128)
+    assert mixed_lengths(8, 16, 2) == (8, 16)

@@ -15,6 +15,7 @@ from packager.bench.flops import best_peaks, measure_peaks, model_flops
 from packager.bench.in_process import graphs_of, measure_in_process
 from packager.bench.options import BenchOptions
 from packager.bench.report import Report
+from packager.bench.mixed import mixed_lengths
 from packager.bench.served import measure_served
 from packager.bench.workload import make_workload
 from packager.console import say, step
@@ -46,10 +47,12 @@ def benchmark(recipe: Recipe, options: BenchOptions = BenchOptions()) -> Report:
         shipped = build.record.optimize.shipped
         with tempfile.TemporaryDirectory(prefix="bench-repository.") as folder, \
                 step(f"served: {options.launcher} Triton, {', '.join(options.protocols)}, clients "
-                     f"{', '.join(map(str, options.concurrency))}, dynamic batching on and off"):
+                     f"{', '.join(map(str, options.concurrency))}, dynamic batching on and off, mixed lengths"):
             root = Path(folder) / "model_repository"
             pipeline.stage_release(build, loaded).publish(root, version=1)
-            served = measure_served(root, [workloads[shape] for shape in served_shapes], options, shipped)
+            lengths = mixed_lengths(8, recipe.profile.sequence.opt, max(options.concurrency))
+            served = measure_served(root, [workloads[shape] for shape in served_shapes], options, shipped,
+                                    loaded.tokenizer, lengths)
     with step(f"{peak_step}, again"):
         peaks = best_peaks(peaks, measure_peaks(threads, options.peak_size))
     settings = {

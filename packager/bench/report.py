@@ -63,6 +63,7 @@ class Report:
                 "points": [dataclasses.asdict(p) | {"server": [t.to_dict() for t in p.server]} | derived(p, precision)
                            | ({"average_batch": p.average_batch} if p.average_batch else {})
                            for p in self.served.points],
+                "mixed_lengths": [dataclasses.asdict(p) for p in self.served.mixed],
             }
         return {
             "model": self.model, "created": self.created, "command": self.command, "build": self.build_folder,
@@ -124,6 +125,15 @@ class Report:
                    *(f"{name}: p50 ms / seq/s" for name in names), *(f"{name} p50 / in process" for name in names)]
         return markdown_table(headers, rows)
 
+    def mixed_table(self) -> str:
+        """Mixed-length clients through each ensemble, the tokenizer padding to length buckets or to the longest."""
+        rows = [[p.protocol, f"text → {p.model} ({p.backend})", "buckets" if p.buckets else "longest", p.clients,
+                 *_latency_cells(p.latency, 1), f"{p.average_batch:.2f}" if p.average_batch else "–"]
+                for p in self.served.mixed]
+        headers = ["protocol", "input → model (backend)", "tokenizer pads to", "clients", "p50 ms", "p90 ms",
+                   "p99 ms", "inf/s", "seq/s", "avg batch"]
+        return markdown_table(headers, rows)
+
     def markdown(self) -> str:
         peaks = "; ".join(f"{p.precision} **{p.gflops:.0f} G{'FLOP' if p.precision != 'int8' else 'OP'}/s** "
                           f"({p.method})" for p in self.peaks.values())
@@ -163,6 +173,18 @@ class Report:
                 self.backends_table(),
                 "### Every point",
                 self.served_table(),
+            ]
+            if served.mixed:
+                lengths = ", ".join(map(str, served.mixed[0].lengths))
+                parts += [
+                    "### Mixed lengths: what length buckets do",
+                    f"{served.mixed[0].clients} closed-loop clients, each sending one text of its own length "
+                    f"({lengths} tokens), dynamic batching on, through each ensemble: the tokenizer padding to "
+                    "length buckets (as published), then to each request's longest text (reloaded without buckets). "
+                    "A backend that joins equal shapes only joins requests that share a padded length.",
+                    self.mixed_table(),
+                ]
+            parts += [
                 f"![latency against throughput]({REPORT_FILES['plot']})",
             ]
         return "\n\n".join(parts) + "\n"

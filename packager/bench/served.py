@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
-import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,19 +14,19 @@ import numpy as np
 from tritonclient.utils import InferenceServerException
 
 from packager.bench.in_process import Latency, Timing
+from packager.bench.load import PHASES, closed_loop, counted, statistics
+from packager.bench.mixed import MixedPoint, measure_mixed, text_ensembles
 from packager.bench.options import BenchOptions, LoadBudget
 from packager.bench.workload import Workload
 from packager.console import say
 from packager.errors import PackagerError
-from packager.triton.client import PROTOCOLS, REQUEST_TIMEOUT_S, Client, Wire, connection
+from packager.triton.client import PROTOCOLS, Client, Wire, connection
 from packager.triton.discovery import Model, Role, load_servable
 from packager.triton.rows import CheckStatus
 from packager.triton.server import TritonServer, available_backends, serve
 from packager.validate import Inputs
 
-PHASES = ("queue", "compute_input", "compute_infer", "compute_output")  # Triton's per-request server-side times
 ADMIN_TIMEOUT_S = 300.0  # statistics calls and the reloads that turn dynamic batching off
-STATISTICS_TIMEOUT_S, STATISTICS_INTERVAL_S = 60.0, 0.02  # until Triton has counted every request sent
 
 
 @dataclass(frozen=True)
@@ -109,6 +106,7 @@ class ServedResult:
     not_served: dict[str, str]  # model -> why (e.g. its backend is missing on this server)
     server_version: str
     shipped_level: str
+    mixed: list[MixedPoint] = dataclasses.field(default_factory=list)  # mixed lengths, length buckets on and off
 
 
 def endpoints_of(models: Sequence[Model]) -> list[Endpoint]:
@@ -120,9 +118,10 @@ def endpoints_of(models: Sequence[Model]) -> list[Endpoint]:
 
 
 def measure_served(repository_root: Path, workloads: Sequence[Workload], options: BenchOptions,
-                   shipped_level: str) -> ServedResult:
-    """Serve the repository, then measure every point: batching on, then reloaded without, each protocol, endpoint,
-    workload and client count."""
+                   shipped_level: str, tokenizer, lengths: tuple[int, ...]) -> ServedResult:
+    """Serve the repository, then measure every point: batching on (and then the mixed-length clients, one per
+    entry of `lengths`, through each ensemble with length buckets on and off), then reloaded without batching,
+    each protocol, endpoint, workload and client count."""
     with serve(options.launcher, repository_root) as server:
         found, rows = load_servable(server, repository_root, backends=available_backends(options.launcher))
         failed = [row for row in rows if row.status is CheckStatus.FAIL]
@@ -132,11 +131,12 @@ def measure_served(repository_root: Path, workloads: Sequence[Workload], options
         endpoints = endpoints_of(loaded)
         if not endpoints:
             raise PackagerError(f"{options.launcher} Triton can serve none of {', '.join(found)}")
-        points = []
+        points, mixed = [], []
         with connection(PROTOCOLS["http"], server, ADMIN_TIMEOUT_S) as admin:
             version = admin.server_version()
             for batching in (True, False):
                 if not batching:
+                    mixed = _measure_mixed(server, admin, loaded, tokenizer, lengths, options)
                     _turn_off_dynamic_batching(admin, loaded)
                 for protocol, endpoint, workload, clients in itertools.product(
                         options.protocols, endpoints, workloads, options.concurrency):
@@ -145,7 +145,22 @@ def measure_served(repository_root: Path, workloads: Sequence[Workload], options
                     say(f"    {points[-1].configuration} {workload.shape} x{clients}: "
                         f"p50 {points[-1].latency.p50_ms:.1f} ms, {points[-1].latency.inferences_per_s:.1f} inf/s")
     not_served = {row.model: row.detail for row in rows if row.status is CheckStatus.SKIP}
-    return ServedResult(points, not_served, version, shipped_level)
+    return ServedResult(points, not_served, version, shipped_level, mixed)
+
+
+def _measure_mixed(server: TritonServer, admin: Client, loaded: Sequence[Model], tokenizer, lengths: tuple[int, ...],
+                   options: BenchOptions) -> list[MixedPoint]:
+    tokenizers = [model.name for model in loaded if model.role is Role.TOKENIZER]
+    ensembles = text_ensembles(loaded)
+    if not (tokenizers and ensembles and lengths):
+        return []
+    wire = PROTOCOLS[options.protocols[-1]]
+    points = measure_mixed(server, admin, wire, ensembles, tokenizers[0], tokenizer, lengths, options.load)
+    for point in points:
+        say(f"    mixed lengths {point.protocol} text→{point.model} ({point.backend}) buckets "
+            f"{'on' if point.buckets else 'off'} x{point.clients}: p50 {point.latency.p50_ms:.1f} ms, "
+            f"{point.latency.inferences_per_s:.1f} inf/s, avg batch {point.average_batch or 0:.2f}")
+    return points
 
 
 def _turn_off_dynamic_batching(admin: Client, models: Sequence[Model]) -> None:
@@ -173,7 +188,7 @@ def measure_point(
     model = endpoint.model
     names = (model.name, *endpoint.steps) if model.role is Role.ENSEMBLE else endpoint.steps
     inputs = endpoint.request(workload)
-    start = _statistics(admin, names)  # every earlier request is counted: each point waits for its own
+    start = statistics(admin, names)  # every earlier request is counted: each point waits for its own
     before: dict[str, dict[str, int]] = {}
     warmups = concurrency * budget.warmup
 
@@ -183,8 +198,8 @@ def measure_point(
             yield _call(client, model, inputs, workload.batch)
 
     latencies, seconds = closed_loop(connect, concurrency, budget,
-                                     lambda: before.update(_counted(admin, names, start, warmups)))
-    after = _counted(admin, names, before, len(latencies))
+                                     lambda: before.update(counted(admin, names, start, warmups)))
+    after = counted(admin, names, before, len(latencies))
     times = tuple(_server_times(name, before[name], after[name]) for name in names)
     samples = Timing(tuple(latencies))
     latency = Latency(len(latencies), samples.median_ms, samples.percentile_ms(90), samples.percentile_ms(99),
@@ -207,105 +222,6 @@ def _call(client: Client, model: Model, inputs: Inputs, rows: int) -> Callable[[
                                         f"{None if answer is None else answer.shape}, expected {rows} rows")
 
     return call
-
-
-def closed_loop(
-    connect: Callable[[], AbstractContextManager[Callable[[bool], None]]], concurrency: int, budget: LoadBudget,
-    when_ready: Callable[[], None] = lambda: None,
-) -> tuple[list[float], float]:
-    """`concurrency` threads, each with its own connection (`connect` yields a `call(check)`; tritonclient's HTTP
-    client cannot change threads), warm up (checked calls), then `when_ready` runs and all are released together to
-    call in a loop until `max_requests` in all or `seconds` have passed.
-
-    Returns the latencies (ms) and the seconds from the release to the last completion. The first error of any
-    thread stops every thread and is raised here.
-    """
-    lock = threading.Lock()
-    ready, go = threading.Barrier(concurrency + 1), threading.Barrier(concurrency + 1)
-    issued, latencies, errors, deadline = [0], [], [], [math.inf]
-
-    def loop(call: Callable[[bool], None]) -> None:
-        while not errors:
-            with lock:
-                if issued[0] >= budget.max_requests or time.perf_counter() > deadline[0]:
-                    return
-                issued[0] += 1
-            began = time.perf_counter()
-            call(False)
-            with lock:
-                latencies.append((time.perf_counter() - began) * 1000)
-
-    def worker() -> None:
-        try:
-            with connect() as call:
-                for _ in range(budget.warmup):
-                    call(True)
-                ready.wait(REQUEST_TIMEOUT_S)
-                go.wait(REQUEST_TIMEOUT_S)
-                loop(call)
-        except threading.BrokenBarrierError:
-            pass  # another thread failed first
-        except Exception as exc:  # noqa: BLE001 - whatever a client thread meets is raised in the caller
-            errors.append(exc)
-            ready.abort()
-            go.abort()
-
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
-    for thread in threads:
-        thread.start()
-    try:
-        ready.wait(REQUEST_TIMEOUT_S * (budget.warmup + 1))
-        when_ready()
-        began = time.perf_counter()
-        deadline[0] = began + budget.seconds
-        go.wait(REQUEST_TIMEOUT_S)
-    except threading.BrokenBarrierError:
-        began = time.perf_counter()
-    for thread in threads:
-        thread.join(max(0.0, began + budget.seconds + REQUEST_TIMEOUT_S - time.perf_counter()))
-    seconds = time.perf_counter() - began
-    if errors:
-        raise PackagerError(f"a benchmark request failed: {_error_text(errors[0])}")
-    if any(thread.is_alive() for thread in threads) or not latencies:
-        raise PackagerError(f"benchmark clients did not finish within {REQUEST_TIMEOUT_S:.0f} s of their time")
-    return latencies, seconds
-
-
-def _error_text(error: Exception) -> str:
-    message = error.message() if isinstance(error, InferenceServerException) else str(error)
-    return " ".join((message or type(error).__name__).split())
-
-
-def _counted(admin: Client, names: Sequence[str], since: dict[str, dict[str, int]],
-             requests: int) -> dict[str, dict[str, int]]:
-    """The statistics once every model has counted `requests` more than `since`: Triton counts a request just
-    after its response is sent (each ensemble step counts each of the ensemble's requests once)."""
-    deadline = time.monotonic() + STATISTICS_TIMEOUT_S
-    while True:
-        current = _statistics(admin, names)
-        behind = [name for name in names
-                  if current[name].get("requests", 0) < since[name].get("requests", 0) + requests]
-        if not behind:
-            return current
-        if time.monotonic() > deadline:
-            raise PackagerError(f"Triton's statistics of {behind[0]} did not count {requests} requests within "
-                                f"{STATISTICS_TIMEOUT_S:.0f} s")
-        time.sleep(STATISTICS_INTERVAL_S)
-
-
-def _statistics(admin: Client, names: Sequence[str]) -> dict[str, dict[str, int]]:
-    """Cumulative counters per model (all served versions summed)."""
-    counters = {}
-    for name in names:
-        total: dict[str, int] = {}
-        for version in admin.statistics(name):
-            stats = version["inference_stats"]
-            values = {"requests": stats["success"]["count"], "total": stats["success"]["ns"],
-                      "inferences": version["inference_count"], "executions": version["execution_count"],
-                      **{phase: stats[phase]["ns"] for phase in PHASES}}
-            total = {key: total.get(key, 0) + int(value) for key, value in values.items()}
-        counters[name] = total
-    return counters
 
 
 def _server_times(name: str, before: dict[str, int], after: dict[str, int]) -> ServerTimes:
