@@ -114,13 +114,13 @@ def test_profile_longer_than_the_model_is_one_clear_error(tiny_recipe_embeddings
 
 def test_length_buckets_default_to_powers_of_two_up_to_the_profiles_max():
     bert = load_recipe("bert")
-    assert bert.serving.buckets(bert.profile) == (16, 32, 64, 128, 256)
-    small = parse_recipe({**MINIMAL, "profile": {"batch": [1, 2, 4], "sequence": [2, 16, 40]}}, "test")
+    assert bert.serving.pad_to == "longest" and bert.serving.buckets(bert.profile) == ()
+    assert bert.override({"serving": {"pad_to": "buckets"}}).serving.buckets(bert.profile) == (16, 32, 64, 128, 256)
+    small = parse_recipe({**MINIMAL, "profile": {"batch": [1, 2, 4], "sequence": [2, 16, 40]},
+                          "serving": {"pad_to": "buckets"}}, "test")
     assert small.serving.buckets(small.profile) == (16, 32, 40)
     chosen = small.override({"serving": {"length_buckets": [8, 24]}})
     assert chosen.serving.buckets(chosen.profile) == (8, 24, 40)
-    longest = small.override({"serving": {"pad_to": "longest"}})
-    assert longest.serving.buckets(longest.profile) == ()
     with pytest.raises(UsageError, match=re.escape("[serving] length_buckets 64 is outside the profile's sequence")):
         small.override({"serving": {"length_buckets": [64]}})
 
