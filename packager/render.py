@@ -208,10 +208,13 @@ def _tokenizer_model(name: str, inputs: _Inputs) -> RenderedModel:
         "parameters": {
             "max_sequence_length": str(sequence.max),
             "min_sequence_length": str(sequence.min),
-            "length_buckets": ",".join(map(str, inputs.serving.buckets(inputs.recipe.profile))),
+
             "tokenizer_folder": TOKENIZER_FOLDER,
         },
     }
+    buckets = inputs.serving.buckets(inputs.recipe.profile)
+    if buckets:  # pad each request up to one of these lengths ([serving] pad_to = "buckets")
+        context["parameters"]["length_buckets"] = ",".join(map(str, buckets))
     saved = _tokenizer_files(inputs.artifacts.tokenizer)
     encoding = _encoding_settings(inputs.artifacts.tokenizer, inputs.spec, fast=FAST_TOKENIZER_FILE in saved)
     files: dict[str, Path | bytes] = {
