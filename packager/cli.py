@@ -9,11 +9,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import traceback
 from pathlib import Path
 
-from packager.console import error, say, table
+from packager.console import error, keep_log, say, table
 from packager.errors import PackagerError, first_line
 from packager.recipe import DEVICES, PRECISIONS, TARGETS, Range, Recipe, known_recipes, load_recipe
 from packager.releases import TRITON_RELEASES
@@ -257,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         headline, _, details = str(exc).partition("\n")
-        error(headline + (f" (details in {_write_log(details)})" if details.strip() else ""))
+        error(headline + (f" (details in {keep_log('error', details)})" if details.strip() else ""))
         return exc.exit_code
     except KeyboardInterrupt:
         error("interrupted")
@@ -265,18 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug or an unforeseen library failure: one line here, the traceback in a log
         if debug:
             raise
-        error(f"unexpected {type(exc).__name__}: {first_line(exc)} (traceback in {_write_log(traceback.format_exc())}; "
-              "--debug shows it)")
+        log = keep_log("error", traceback.format_exc())
+        error(f"unexpected {type(exc).__name__}: {first_line(exc)} (traceback in {log}; --debug shows it)")
         return 1
-
-
-def _write_log(text: str) -> Path:
-    """Keep what does not fit in one line in a log file; return its path."""
-    folder = Path(tempfile.gettempdir()) / "triton-packager-logs"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"error-{os.getpid()}.log"
-    path.write_text(text)
-    return path
 
 
 if __name__ == "__main__":

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator, Sequence
 
 
@@ -44,3 +47,13 @@ def _cell(value: object) -> str:
 
 def error(message: str) -> None:
     print(f"error: {message}", file=sys.stderr, flush=True)
+
+
+def keep_log(name: str, text: str | None = None, source: Path | None = None) -> Path:
+    """A log that outlives the run, in $TMPDIR/triton-packager-logs/<name>-<pid>-<time>.log: `text`, or a copy of
+    `source` (a log its owner removes). Error lines name it for whoever reads them."""
+    folder = Path(tempfile.gettempdir()) / "triton-packager-logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}-{os.getpid()}-{int(time.time())}.log"
+    path.write_bytes(source.read_bytes() if source is not None else (text or "").encode())
+    return path

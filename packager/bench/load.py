@@ -9,11 +9,10 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 
-from tritonclient.utils import InferenceServerException
 
 from packager.bench.options import LoadBudget
 from packager.errors import PackagerError
-from packager.triton.client import REQUEST_TIMEOUT_S, Client
+from packager.triton.client import REQUEST_TIMEOUT_S, Client, error_text
 
 PHASES = ("queue", "compute_input", "compute_infer", "compute_output")  # Triton's per-request server-side times
 STATISTICS_TIMEOUT_S, STATISTICS_INTERVAL_S = 60.0, 0.02  # until Triton has counted every request sent
@@ -75,15 +74,10 @@ def closed_loop(
         thread.join(max(0.0, began + budget.seconds + REQUEST_TIMEOUT_S - time.perf_counter()))
     seconds = time.perf_counter() - began
     if errors:
-        raise PackagerError(f"a benchmark request failed: {_error_text(errors[0])}")
+        raise PackagerError(f"a benchmark request failed: {error_text(errors[0])}")
     if any(thread.is_alive() for thread in threads) or not latencies:
         raise PackagerError(f"benchmark clients did not finish within {REQUEST_TIMEOUT_S:.0f} s of their time")
     return latencies, seconds
-
-
-def _error_text(error: Exception) -> str:
-    message = error.message() if isinstance(error, InferenceServerException) else str(error)
-    return " ".join((message or type(error).__name__).split())
 
 
 def counted(admin: Client, names: Sequence[str], since: dict[str, dict[str, int]],

@@ -106,7 +106,7 @@ def _reload_without_buckets(admin: Client, tokenizer_model: str, published: dict
 
 def _caller(client: Client, ensemble: Model, text: str) -> Callable[[bool], None]:
     """One request of one text; when checked, every output comes back with one row."""
-    inputs = {ensemble.text_input.name: np.array([[text.encode()]], dtype=object)}
+    inputs = ensemble.text_request([text])
     tensors, outputs = client.request(inputs, ensemble.output_names)
 
     def call(check: bool) -> None:

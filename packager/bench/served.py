@@ -10,7 +10,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from tritonclient.utils import InferenceServerException
 
 from packager.bench.in_process import Latency, Timing
@@ -67,7 +66,7 @@ class Endpoint:
 
     def request(self, workload: Workload) -> Inputs:
         if self.model.role is Role.ENSEMBLE:
-            return {self.model.text_input.name: np.array([[text.encode()] for text in workload.texts], dtype=object)}
+            return self.model.text_request(workload.texts)
         return workload.inputs
 
 

@@ -54,11 +54,12 @@ def build_int8(inputs: LevelInputs) -> LevelGraph:
     plans = calibrate(model, inputs)
     path = inputs.output("int8")
     choice = Choice(feed_forward_matmuls(model) if settings.ffn_residuals else ())
-    report = _gate(inputs, write(model, plans, choice, settings.weight_bits, path))
+    planned = _gate(inputs, write(model, plans, choice, settings.weight_bits, path))
+    report = planned
     notes = [f"static int8 ({settings.weight_bits}-bit weights) calibrated on {len(calibration_texts())} texts; "
              f"{len(choice.residual)} feed-forward MatMul(s) with a weight residual"]
     if not report.passed:
-        choice, report, tried = _search(inputs, model, plans, choice, path)
+        choice, report, tried = _search(inputs, model, plans, choice, planned, path)
         notes.append(tried)
     notes.append("fp32 outlier channels: " + (", ".join(f"{p.name} {len(p.outliers)}" for p in plans.values()
                                                       if len(p.outliers)) or "none"))
@@ -91,7 +92,7 @@ def write(model: onnx.ModelProto, plans: dict[str, NodePlan], choice: Choice, bi
 
 
 def _search(inputs: LevelInputs, model: onnx.ModelProto, plans: dict[str, NodePlan], choice: Choice,
-            path: Path) -> tuple[Choice, ParityReport, str]:
+            planned: ParityReport, path: Path) -> tuple[Choice, ParityReport, str]:
     """More weight residuals, then fp32 nodes, each on the nodes that lose most first, until the gate passes."""
     settings = inputs.settings.int8
     order = sorted(plans, key=lambda name: plans[name].error, reverse=True)
@@ -100,15 +101,13 @@ def _search(inputs: LevelInputs, model: onnx.ModelProto, plans: dict[str, NodePl
              for count in range(1, min(settings.max_residual_nodes, len(residual_candidates)) + 1)]
     widest = steps[-1].residual if steps else choice.residual
     steps += [Choice(widest, tuple(order[:count])) for count in range(1, min(settings.max_fp32_nodes, len(order)) + 1)]
-    report = None
     for step in steps:
         report = _gate(inputs, write(model, plans, step, settings.weight_bits, path))
         if report.passed:
             return step, report, f"search: passed with {_describe(step, choice)}"
-    write(model, plans, choice, settings.weight_bits, path)  # the graph left behind is the planned one
-    report = _gate(inputs, path)
+    write(model, plans, choice, settings.weight_bits, path)  # the graph left behind is the planned one, as gated
     last = _describe(steps[-1], choice) if steps else "nothing to try (limits are 0)"
-    return choice, report, f"search: failed the gate with up to {last}"
+    return choice, planned, f"search: failed the gate with up to {last}"
 
 
 def _describe(step: Choice, start: Choice) -> str:

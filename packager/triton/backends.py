@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from packager.console import say
+from packager.console import keep_log, say
 from packager.errors import PackagerError
 
 BRANCH = "r24.10"  # the Triton release of the wheel's tritonserver 2.51.0
@@ -257,7 +257,7 @@ def _compile(source: Path, run: Runtime, work: Path) -> Path:
             done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         if done.returncode != 0:
             raise PackagerError(f"building Triton's onnxruntime backend failed at {step}: {_first_error(log)} "
-                                f"(build log: {_keep(log)})")
+                                f"(build log: {keep_log('onnxruntime-backend-build', source=log)})")
     return build_dir / BACKEND_LIBRARY
 
 
@@ -275,15 +275,6 @@ def _first_error(log: Path) -> str:
     lines = log.read_text(errors="replace").splitlines()
     errors = [line for line in lines if re.search(r"\berror\b|CMake Error", line, re.IGNORECASE)]
     return " ".join((errors or lines[-1:] or ["no output"])[0].split())[:300]
-
-
-def _keep(log: Path) -> Path:
-    """A copy of the build log in $TMPDIR/triton-packager-logs/ (the build folder is removed)."""
-    folder = Path(tempfile.gettempdir()) / "triton-packager-logs"
-    folder.mkdir(parents=True, exist_ok=True)
-    copy = folder / f"onnxruntime-backend-build-{os.getpid()}-{int(time.time())}.log"
-    shutil.copyfile(log, copy)
-    return copy
 
 
 @lru_cache(maxsize=8)

@@ -22,7 +22,7 @@ from packager import validate
 from packager.errors import PackagerError
 from packager.iospec import BATCH
 from packager.recipe import Tolerances
-from packager.triton.client import Client, infer_at_once
+from packager.triton.client import Client, error_text, infer_at_once
 from packager.triton.discovery import Model, Role
 from packager.triton.reference import Reference
 from packager.triton.rows import CheckStatus, SmokeRow
@@ -52,10 +52,6 @@ def _text_cases(max_batch_size: int) -> dict[str, tuple[str, ...]]:
     }
 
 
-def _text_inputs(model: Model, texts: Sequence[str]) -> Inputs:
-    return {model.text_input.name: np.array([[text.encode()] for text in texts], dtype=object)}
-
-
 Check = Callable[..., tuple[bool, str]]
 
 
@@ -70,7 +66,7 @@ class Checks:
         try:
             passed, detail = function(*args)
         except (InferenceServerException, OSError, threading.BrokenBarrierError, PackagerError) as error:
-            passed, detail = False, _error_text(error)
+            passed, detail = False, error_text(error)
         return SmokeRow(check, self.client.wire.name, model, CheckStatus.PASS if passed else CheckStatus.FAIL, detail)
 
     # -- readiness and description
@@ -143,14 +139,14 @@ class Checks:
     def tokens(self, model: Model, cases: dict[str, tuple[str, ...]]) -> tuple[bool, str]:
         for case, texts in cases.items():
             expected = self.reference.tokenize(texts).inputs
-            served = self.client.infer(model.name, _text_inputs(model, texts), model.output_names)
+            served = self.client.infer(model.name, model.text_request(texts), model.output_names)
             for name, values in served.items():
                 if values.shape != expected[name].shape or not np.array_equal(values, expected[name]):
                     return False, f"{case}: '{name}' {values.shape} differs from the tokenizer's {expected[name].shape}"
         return True, f"{len(cases)} requests, same token tensors"
 
     def _inputs(self, model: Model, batch: ValidationBatch) -> Inputs:
-        return _text_inputs(model, batch.texts) if model.role is Role.ENSEMBLE else batch.inputs
+        return model.text_request(batch.texts) if model.role is Role.ENSEMBLE else batch.inputs
 
     # -- concurrency
 
@@ -233,7 +229,7 @@ class Checks:
         try:
             self.client.infer(model.name, inputs, model.output_names)
         except InferenceServerException as error:
-            message = _error_text(error)
+            message = error_text(error)
             return re.search(expected, message) is not None, message
         return False, "Triton accepted the request"
 
@@ -305,9 +301,3 @@ def _describe(tensor: tuple[str, list[int]] | None) -> str:
 def _wire_type(config_type: str) -> str:
     """A config data type (TYPE_INT64) as metadata names it (INT64; TYPE_STRING is BYTES)."""
     return "BYTES" if config_type == "TYPE_STRING" else config_type.removeprefix("TYPE_")
-
-
-def _error_text(error: Exception) -> str:
-    message = error.message() if isinstance(error, InferenceServerException) else str(error)
-    return " ".join((message or type(error).__name__).replace("[request id: <id_unknown>] ", "").split())
-

@@ -13,7 +13,7 @@ from types import ModuleType
 import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from tritonclient.utils import np_to_triton_dtype
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from packager.triton import PROTOCOL_NAMES
 from packager.triton.server import TritonServer
@@ -138,3 +138,9 @@ def in_threads(function: Callable, items: list, workers: int) -> list:
         return list(pool.map(function, items))
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+
+
+def error_text(error: Exception) -> str:
+    """Triton's (or the connection's) error as one line, without tritonclient's unknown request id."""
+    message = error.message() if isinstance(error, InferenceServerException) else str(error)
+    return " ".join((message or type(error).__name__).replace("[request id: <id_unknown>] ", "").split())

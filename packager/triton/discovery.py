@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+import numpy as np
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import InferenceServerException
@@ -65,6 +66,10 @@ class Model:
     @property
     def text_input(self) -> model_config_pb2.ModelInput:
         return next(t for t in self.config.input if t.data_type == model_config_pb2.TYPE_STRING)
+
+    def text_request(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """The inputs of a request of `texts` to this model's text input (one text per batch row)."""
+        return {self.text_input.name: np.array([[text.encode()] for text in texts], dtype=object)}
 
     @property
     def output_names(self) -> list[str]:

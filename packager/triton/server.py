@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import http.client
 import os
-import shutil
 import sys
 import sysconfig
 import tempfile
@@ -28,6 +27,7 @@ from tritonclient.grpc import model_config_pb2
 from tritonclient.http import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
+from packager.console import keep_log
 from packager.errors import PackagerError, UsageError
 from packager.triton import LAUNCHER_NAMES
 from packager.triton import backends as built_backends
@@ -281,11 +281,7 @@ def kept_log(server: TritonServer) -> Path | None:
     """A copy of the server's log in $TMPDIR/triton-packager-logs/ (the launcher removes its own on stop)."""
     if server.log_path is None or not server.log_path.exists():
         return None
-    folder = Path(tempfile.gettempdir()) / "triton-packager-logs"
-    folder.mkdir(parents=True, exist_ok=True)
-    copy = folder / f"tritonserver-{os.getpid()}-{int(time.time())}.log"
-    shutil.copyfile(server.log_path, copy)
-    return copy
+    return keep_log("tritonserver", source=server.log_path)
 
 
 def _is_live(server: TritonServer) -> bool:
