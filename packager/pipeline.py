@@ -138,9 +138,10 @@ def build(recipe: Recipe, options: BuildOptions, loaded: source.LoadedModel | No
             exported = export.export_onnx(loaded, task, staging / EXPORTED_FILE, recipe.opset)
             exported.spec.write(staging / SPEC_FILE)
         with step("validate the export against PyTorch on real text"):
-            batches = validate.make_batches(loaded.tokenizer, exported.spec, recipe.profile)
-            reference = validate.torch_runner(exported.wrapper, exported.spec)
-            invariance = validate.invariance_layouts(loaded.tokenizer, exported.spec, recipe.profile)
+            batches = validate.make_batches(loaded.tokenizer, exported.spec, recipe.profile, task)
+            reference = (validate.model_runner(loaded.model, exported.spec) if task.model_outputs
+                         else validate.torch_runner(exported.wrapper, exported.spec))
+            invariance = validate.invariance_layouts(loaded.tokenizer, exported.spec, recipe.profile, task)
             validator = validate.Validator(task, exported.spec, batches, reference, recipe.gates.fp32, invariance)
             exported_report = validate.require_parity(
                 validator.check("onnx", validate.onnxruntime_runner(exported.path, exported.spec)))

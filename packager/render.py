@@ -24,6 +24,7 @@ from packager.iospec import BATCH, SEQUENCE, IOSpec, TensorSpec
 from packager.recipe import TARGETS as TARGET_NAMES
 from packager.recipe import Profile, Recipe, Serving
 from packager.record import ProfileShapes
+from packager.tasks import get_task
 
 # Package data (pyproject.toml ships templates/*.j2 and templates/python/*.py in the wheel), read as real files:
 # Jinja loads the templates from this folder and publish copies the python models' model.py from it.
@@ -115,7 +116,7 @@ def render_repository(recipe: Recipe, spec: IOSpec, artifacts: Artifacts) -> lis
     ensemble, schema-checked. The order is the publish order: every ensemble after the steps it pins.
     """
     serving = recipe.serving
-    _check_spec(spec, serving)
+    _check_spec(spec, text_input_names(recipe))
     inputs = _Inputs(recipe, spec, serving, artifacts)
     tokenizer = _tokenizer_model(f"{recipe.name}_tokenizer", inputs)
     models = [tokenizer]
@@ -202,7 +203,7 @@ def _tokenizer_model(name: str, inputs: _Inputs) -> RenderedModel:
         "name": name,
         "recipe": inputs.recipe.name,
         "max_batch_size": inputs.recipe.profile.batch.max,
-        "inputs": [_text_tensor(inputs.serving)],
+        "inputs": _text_tensors(inputs.recipe),
         "outputs": [_tensor(t) for t in inputs.spec.inputs],
         "instance": {"kind": "KIND_CPU", "count": inputs.serving.tokenizer_instances, "profiles": []},
         "parameters": {
@@ -216,7 +217,8 @@ def _tokenizer_model(name: str, inputs: _Inputs) -> RenderedModel:
     if buckets:  # pad each request up to one of these lengths ([serving] pad_to = "buckets")
         context["parameters"]["length_buckets"] = ",".join(map(str, buckets))
     saved = _tokenizer_files(inputs.artifacts.tokenizer)
-    encoding = _encoding_settings(inputs.artifacts.tokenizer, inputs.spec, fast=FAST_TOKENIZER_FILE in saved)
+    encoding = _encoding_settings(inputs.artifacts.tokenizer, inputs.spec, fast=FAST_TOKENIZER_FILE in saved,
+                                  truncation=get_task(inputs.recipe.task).truncation)
     files: dict[str, Path | bytes] = {
         "model.py": PYTHON_MODELS / "tokenizer_model.py",
         ENCODING_FILE: (json.dumps(encoding, indent=2) + "\n").encode(),
@@ -227,16 +229,16 @@ def _tokenizer_model(name: str, inputs: _Inputs) -> RenderedModel:
 
 
 def _ensemble(name: str, tokenizer: str, model: RenderedModel, inputs: _Inputs) -> RenderedModel:
-    spec, text = inputs.spec, inputs.serving.text_input
+    spec, texts = inputs.spec, text_input_names(inputs.recipe)
     tensors = {n: n for n in spec.input_names}
     context = {
         "name": name,
         "recipe": inputs.recipe.name,
         "max_batch_size": model.context["max_batch_size"],
-        "inputs": [_text_tensor(inputs.serving)],
+        "inputs": _text_tensors(inputs.recipe),
         "outputs": [_tensor(t) for t in spec.outputs],
         "steps": [
-            {"model": tokenizer, "input_map": {text: text}, "output_map": tensors},
+            {"model": tokenizer, "input_map": {text: text for text in texts}, "output_map": tensors},
             {"model": model.name, "input_map": tensors, "output_map": {n: n for n in spec.output_names}},
         ],
     }
@@ -291,8 +293,14 @@ def _tensor(tensor: TensorSpec, ragged: bool = False) -> dict:
     return {"name": tensor.name, "data_type": tensor.triton_type, "dims": tensor.triton_dims(BATCH), "ragged": ragged}
 
 
-def _text_tensor(serving: Serving) -> dict:
-    return {"name": serving.text_input, "data_type": "TYPE_STRING", "dims": [1], "ragged": False}
+def text_input_names(recipe: Recipe) -> tuple[str, ...]:
+    """The ensemble's text inputs: the task's pair (e.g. question, context), else [serving] text_input."""
+    return get_task(recipe.task).text_inputs or (recipe.serving.text_input,)
+
+
+def _text_tensors(recipe: Recipe) -> list[dict]:
+    return [{"name": name, "data_type": "TYPE_STRING", "dims": [1], "ragged": False}
+            for name in text_input_names(recipe)]
 
 
 def _warmup(spec: IOSpec, shapes: list[Mapping[str, Shape]]) -> list[dict]:
@@ -330,7 +338,7 @@ def _plan_shapes(plan: TensorRTPlan) -> list[dict[str, Shape]]:
 # ---- checks and tokenizer facts -------------------------------------------------------------------------------
 
 
-def _check_spec(spec: IOSpec, serving: Serving) -> None:
+def _check_spec(spec: IOSpec, texts: tuple[str, ...]) -> None:
     """Triton batching needs the batch axis first; inputs may have no other dynamic axis than the sequence."""
     for tensor in spec.inputs + spec.outputs:
         if not tensor.dims or tensor.dims[0] != BATCH:
@@ -341,8 +349,9 @@ def _check_spec(spec: IOSpec, serving: Serving) -> None:
         if other:
             raise PackagerError(
                 f"input '{tensor.name}' has dynamic axes {other}: warmup and padding know only '{SEQUENCE}'")
-    if serving.text_input in spec.input_names + spec.output_names:
-        raise UsageError(f"serving.text_input '{serving.text_input}' clashes with a tensor of the model")
+    for text in texts:
+        if text in spec.input_names + spec.output_names:
+            raise UsageError(f"the ensemble's text input '{text}' clashes with a tensor of the model")
 
 
 def _check_profiles(plan: TensorRTPlan, spec: IOSpec) -> None:
@@ -379,7 +388,7 @@ def _pad_values(tokenizer: PreTrainedTokenizerBase, spec: IOSpec) -> dict[str, i
     return {name: int(encoded[name][0, position]) for name in spec.input_names}
 
 
-def _encoding_settings(tokenizer: PreTrainedTokenizerBase, spec: IOSpec, fast: bool) -> dict:
+def _encoding_settings(tokenizer: PreTrainedTokenizerBase, spec: IOSpec, fast: bool, truncation: str) -> dict:
     """What the tokenizer model needs to encode as the Hugging Face tokenizer does (see tokenizer_model.py)."""
     return {
         "library": "tokenizers" if fast else "transformers",
@@ -387,6 +396,7 @@ def _encoding_settings(tokenizer: PreTrainedTokenizerBase, spec: IOSpec, fast: b
         "pad_values": _pad_values(tokenizer, spec),
         "padding_side": tokenizer.padding_side,
         "truncation_side": tokenizer.truncation_side,
+        "truncation_strategy": truncation,  # the task's: longest_first, or only_second (a pair's second text)
         "split_special_tokens": tokenizer.split_special_tokens,
     }
 

@@ -11,11 +11,14 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModel, AutoModelForSequenceClassification, PreTrainedModel
+from transformers import (
+    AutoModel, AutoModelForQuestionAnswering, AutoModelForSequenceClassification, AutoModelForTokenClassification,
+    PreTrainedModel,
+)
 
 from packager.errors import PackagerError, UsageError
 from packager.iospec import BATCH, SEQUENCE
-from packager.recipe import TASK_NAMES
+from packager.recipe import PAIR_TASKS, TASK_NAMES
 
 
 @dataclass(frozen=True)
@@ -30,8 +33,17 @@ class Task:
     auto_class: type
     wrapper: Callable[[PreTrainedModel, list[str]], torch.nn.Module]
     outputs: tuple[OutputSpec, ...]
-    metric: str  # "cosine" or "argmax"
-    metric_output: str  # the output the task metric is computed on
+    metric: str  # "cosine", "argmax" (per row), "token-argmax" (per real token) or "span" (best answer span)
+    metric_output: str  # the output the task metric is computed on ("span": the start logits, with the end logits)
+    # The ensemble's text inputs: empty for one text (named by [serving] text_input), else the names of a pair,
+    # which the tokenizer model encodes with the tokenizer's own pair template.
+    text_inputs: tuple[str, ...] = ()
+    truncation: str = "longest_first"  # the tokenizers truncation strategy ("only_second": a pair's second text)
+    model_outputs: bool = False  # the outputs are fields of the model's own output: transformers is the reference
+
+    @property
+    def pairs(self) -> bool:
+        return len(self.text_inputs) == 2
 
 
 class _Wrapper(torch.nn.Module):
@@ -66,6 +78,14 @@ class Logits(_Wrapper):
         return (self.call_model(inputs).logits,)
 
 
+class SpanLogits(_Wrapper):
+    """Extractive question answering: a start and an end score per token."""
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        outputs = self.call_model(inputs)
+        return outputs.start_logits, outputs.end_logits
+
+
 TASKS: dict[str, Task] = {
     "embeddings": Task(
         name="embeddings",
@@ -85,11 +105,43 @@ TASKS: dict[str, Task] = {
         outputs=(OutputSpec("logits", {0: BATCH}),),
         metric="argmax",
         metric_output="logits",
+        model_outputs=True,
+    ),
+    "token-classification": Task(
+        name="token-classification",
+        auto_class=AutoModelForTokenClassification,
+        wrapper=Logits,
+        outputs=(OutputSpec("logits", {0: BATCH, 1: SEQUENCE}),),
+        metric="token-argmax",
+        metric_output="logits",
+        model_outputs=True,
+    ),
+    "question-answering": Task(
+        name="question-answering",
+        auto_class=AutoModelForQuestionAnswering,
+        wrapper=SpanLogits,
+        outputs=(OutputSpec("start_logits", {0: BATCH, 1: SEQUENCE}), OutputSpec("end_logits", {0: BATCH, 1: SEQUENCE})),
+        metric="span",
+        metric_output="start_logits",
+        text_inputs=("question", "context"),
+        truncation="only_second",
+        model_outputs=True,
+    ),
+    "text-pair-classification": Task(  # a cross-encoder (reranker): a sequence classifier on (text, text_pair)
+        name="text-pair-classification",
+        auto_class=AutoModelForSequenceClassification,
+        wrapper=Logits,
+        outputs=(OutputSpec("logits", {0: BATCH}),),
+        metric="argmax",
+        metric_output="logits",
+        text_inputs=("text", "text_pair"),
+        model_outputs=True,
     ),
 }
 
 
 assert tuple(TASKS) == TASK_NAMES, "every task the recipe schema knows has a row"
+assert {task.name for task in TASKS.values() if task.pairs} == set(PAIR_TASKS)
 
 
 def get_task(name: str) -> Task:

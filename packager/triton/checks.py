@@ -26,12 +26,10 @@ from packager.triton.client import Client, error_text, infer_at_once
 from packager.triton.discovery import Model, Role
 from packager.triton.reference import Reference
 from packager.triton.rows import CheckStatus, SmokeRow
-from packager.validate import Inputs, ValidationBatch
+from packager.validate import Example, Inputs, ValidationBatch
 
 CONCURRENT_REQUESTS = 8  # one text each, sent from this many threads at once
 JOIN_ATTEMPTS = 3  # rounds of concurrent requests before "the batcher never joined them" is a failure
-LONG_TEXT = max(validate.VALIDATION_TEXTS, key=len)
-NON_ASCII_TEXTS = tuple(text for text in validate.VALIDATION_TEXTS if not text.isascii())
 
 
 def _gate(model: Model) -> Tolerances:
@@ -41,14 +39,17 @@ def _gate(model: Model) -> Tolerances:
     return model.gate
 
 
-def _text_cases(max_batch_size: int) -> dict[str, tuple[str, ...]]:
-    """Batch 1, a full batch of mixed lengths, truncation, non-ASCII: the requests every served model answers."""
-    texts, max_batch = validate.VALIDATION_TEXTS, max(max_batch_size, 1)
+def _text_cases(examples: tuple[Example, ...], max_batch_size: int) -> dict[str, tuple[Example, ...]]:
+    """Batch 1, a full batch of mixed lengths, truncation, non-ASCII: the requests every served model answers
+    (`examples`: the task's texts or pairs)."""
+    max_batch = max(max_batch_size, 1)
+    longest = max(examples, key=lambda example: len(validate.label(example)))
+    non_ascii = tuple(example for example in examples if not validate.label(example).isascii())
     return {
-        "batch 1": texts[:1],
-        f"batch {max_batch}, mixed lengths": tuple(texts[i % len(texts)] for i in range(max_batch)),
-        "longer than max sequence": (LONG_TEXT,),
-        "non-ASCII": NON_ASCII_TEXTS[:max_batch],
+        "batch 1": examples[:1],
+        f"batch {max_batch}, mixed lengths": tuple(examples[i % len(examples)] for i in range(max_batch)),
+        "longer than max sequence": (longest,),
+        "non-ASCII": non_ascii[:max_batch],
     }
 
 
@@ -117,13 +118,13 @@ class Checks:
         outputs = {t.name: (t.triton_type, t.triton_dims(BATCH)) for t in self.reference.spec.outputs}
         if model.role is Role.MODEL:
             return {"inputs": spec, "outputs": outputs}
-        text = {model.text_input.name: ("TYPE_STRING", list(model.text_input.dims))}
+        text = {tensor.name: ("TYPE_STRING", list(tensor.dims)) for tensor in model.text_inputs}
         return {"inputs": text, "outputs": spec if model.role is Role.TOKENIZER else outputs}
 
     # -- answers
 
     def answers(self, model: Model) -> list[SmokeRow]:
-        cases = _text_cases(model.max_batch_size)
+        cases = _text_cases(self.reference.examples, model.max_batch_size)
         if model.role is Role.TOKENIZER:
             return [self.attempt("tokens = HF tokenizer", model.name, self.tokens, model, cases)]
         label = "text → PyTorch" if model.role is Role.ENSEMBLE else "tokens → PyTorch"
@@ -131,12 +132,12 @@ class Checks:
             self.attempt(f"{label}: {case}", model.name, self.answer, model, texts) for case, texts in cases.items()
         ]
 
-    def answer(self, model: Model, texts: Sequence[str]) -> tuple[bool, str]:
+    def answer(self, model: Model, texts: Sequence[Example]) -> tuple[bool, str]:
         batch = self.reference.tokenize(texts)
         served = self.client.infer(model.name, self._inputs(model, batch), model.output_names)
         return self.reference.compare(batch, self.reference.answer(texts), served, _gate(model))
 
-    def tokens(self, model: Model, cases: dict[str, tuple[str, ...]]) -> tuple[bool, str]:
+    def tokens(self, model: Model, cases: dict[str, tuple[Example, ...]]) -> tuple[bool, str]:
         for case, texts in cases.items():
             expected = self.reference.tokenize(texts).inputs
             served = self.client.infer(model.name, model.text_request(texts), model.output_names)
@@ -159,7 +160,8 @@ class Checks:
         Otherwise such a step joins only the equal shapes that happen to arrive one after another: what it joined
         is reported, not required.
         """
-        texts = [validate.VALIDATION_TEXTS[i % len(validate.VALIDATION_TEXTS)] for i in range(CONCURRENT_REQUESTS)]
+        examples = self.reference.examples
+        texts = [examples[i % len(examples)] for i in range(CONCURRENT_REQUESTS)]
         batches = self._single_batches(model, texts)
         requests = [self._inputs(model, batch) for batch in batches]
         expected = [self.reference.runner(batch.inputs) for batch in batches]  # PyTorch at each request's padding
@@ -175,7 +177,7 @@ class Checks:
                 if passed:
                     passed, detail = self.reference.compare(batch, reference, many, _gate(model))
                 if not passed:
-                    return False, f"{batch.texts[0][:40]!r}: {detail}"
+                    return False, f"{validate.label(batch.texts[0])[:40]!r}: {detail}"
             if batcher is None:
                 return True, f"{len(requests)} requests, same answers (no dynamic batcher here can join them)"
             after = self.client.batch_counts(batcher.name)
@@ -187,14 +189,15 @@ class Checks:
                               "only, and the requests' padded lengths differ)")
         return False, f"same answers, but {batcher.name} never joined requests in {JOIN_ATTEMPTS} rounds"
 
-    def _single_batches(self, model: Model, texts: list[str]) -> list[ValidationBatch]:
+    def _single_batches(self, model: Model, texts: list[Example]) -> list[ValidationBatch]:
         """One batch per text: at its own length when the model takes ragged batches, else all at one length."""
         if model.role is Role.ENSEMBLE or model.ragged:
             return [self.reference.tokenize([text]) for text in texts]
         joint = self.reference.tokenize(texts)
         rows = [{name: values[i : i + 1] for name, values in joint.inputs.items()} for i in range(len(texts))]
         return [
-            ValidationBatch(1, joint.sequence, (text,), inputs, joint.mask[i : i + 1])
+            ValidationBatch(1, joint.sequence, (text,), inputs, joint.mask[i : i + 1],
+                            None if joint.context is None else joint.context[i : i + 1])
             for i, (text, inputs) in enumerate(zip(texts, rows))
         ]
 
@@ -209,7 +212,7 @@ class Checks:
 
     def bad_requests(self, model: Model) -> list[SmokeRow]:
         """Each bad request made from a valid one; Triton must refuse it with its error for that mistake."""
-        valid = self._inputs(model, self.reference.tokenize(validate.VALIDATION_TEXTS[:1]))
+        valid = self._inputs(model, self.reference.tokenize(self.reference.examples[:1]))
         rows = []
         for check, bad in BAD_REQUESTS.items():
             inputs, pattern = bad.make(model, valid), bad.pattern(model, valid)
@@ -222,7 +225,7 @@ class Checks:
         if not models:
             return SmokeRow(check, self.client.wire.name, "-", CheckStatus.SKIP, "no model served")
         unknown = dataclasses.replace(models[0], name=f"{models[0].name}_no_such_model")
-        valid = self._inputs(models[0], self.reference.tokenize(validate.VALIDATION_TEXTS[:1]))
+        valid = self._inputs(models[0], self.reference.tokenize(self.reference.examples[:1]))
         return self.attempt(check, unknown.name, self.refused, unknown, valid, "unknown model")
 
     def refused(self, model: Model, inputs: Inputs, expected: str) -> tuple[bool, str]:
@@ -236,7 +239,7 @@ class Checks:
     def healthy(self, model: Model) -> tuple[bool, str]:
         if not (self.client.is_server_ready() and self.client.is_model_ready(model.name)):
             return False, "server or model not ready after the bad requests"
-        passed, detail = self.answer(model, validate.VALIDATION_TEXTS[:1])
+        passed, detail = self.answer(model, self.reference.examples[:1])
         return passed, f"ready; answers as before ({detail})" if passed else detail
 
 

@@ -12,7 +12,7 @@ from packager.iospec import IOSpec
 from packager.recipe import Profile, Recipe, Tolerances, padded_length
 from packager.tasks import Task, get_task
 from packager.triton.client import Outputs
-from packager.validate import ValidationBatch
+from packager.validate import Example, ValidationBatch
 
 
 @dataclass
@@ -35,16 +35,24 @@ class Reference:
     def of(cls, recipe: Recipe, spec: IOSpec, loaded: source.LoadedModel) -> "Reference":
         """The task wrapper of the loaded model run by PyTorch."""
         task = get_task(recipe.task)
-        runner = validate.torch_runner(task.wrapper(loaded.model, spec.input_names).eval(), spec)
+        if task.model_outputs:  # the transformers model's own forward
+            runner = validate.model_runner(loaded.model, spec)
+        else:
+            runner = validate.torch_runner(task.wrapper(loaded.model, spec.input_names).eval(), spec)
         return cls(task, spec, loaded.tokenizer, runner, recipe.profile, recipe.serving.buckets(recipe.profile))
 
-    def tokenize(self, texts: Sequence[str]) -> ValidationBatch:
-        sequence = self.profile.sequence
-        lengths = self.tokenizer(list(texts), truncation=True, max_length=sequence.max)["input_ids"]
-        length = padded_length(max(map(len, lengths)), sequence.min, self.buckets)
-        return ValidationBatch.of(texts, validate.tokenize(self.tokenizer, self.spec, list(texts), length))
+    @property
+    def examples(self) -> tuple[Example, ...]:
+        """The task's validation examples: texts, or pairs."""
+        return validate.validation_examples(self.task)
 
-    def answer(self, texts: Sequence[str]) -> Outputs:
+    def tokenize(self, texts: Sequence[Example]) -> ValidationBatch:
+        sequence = self.profile.sequence
+        lengths = validate.token_lengths(self.tokenizer, self.task, list(texts), sequence.max)
+        length = padded_length(max(lengths), sequence.min, self.buckets)
+        return validate.encode_batch(self.tokenizer, self.spec, self.task, list(texts), length)
+
+    def answer(self, texts: Sequence[Example]) -> Outputs:
         key = tuple(texts)
         if key not in self._answers:
             self._answers[key] = self.runner(self.tokenize(texts).inputs)
@@ -53,12 +61,7 @@ class Reference:
     def compare(self, batch: ValidationBatch, expected: Outputs, served: Outputs,
                 tolerances: Tolerances) -> tuple[bool, str]:
         """Every output within tolerance (validate.compare_output); the detail names the worst difference."""
-        rows = [
-            validate.compare_output(
-                "served", self.task, self.spec, name, batch, expected[name], served[name], tolerances)
-            for name in self.spec.output_names
-            if name in served
-        ]
+        rows = validate.compare_outputs("served", self.task, self.spec, batch, expected, served, tolerances)
         failed = [f"{row.output}: {row.reason}" for row in rows if not row.passed]
         if failed:
             return False, "; ".join(failed)
