@@ -404,7 +404,7 @@ def local_folder_data(folder: Path) -> dict:
     """Recipe data for a local model folder: the inferred task, the default profile within the model's limits."""
     folder = folder.resolve()
     name = "".join(c if c.isalnum() else "_" for c in folder.name.lower()).strip("_") or "model"
-    longest = min(DEFAULT_SEQUENCE.max, *_sequence_limits(folder))
+    longest = min([DEFAULT_SEQUENCE.max, *_sequence_limits(folder)])
     task = infer_task(folder)
     shortest = PAIR_SEQUENCE_MIN if task in PAIR_TASKS else DEFAULT_SEQUENCE.min
     sequence = [min(shortest, longest), min(DEFAULT_SEQUENCE.opt, longest), longest]

@@ -42,10 +42,17 @@ class FastEncoder:
         )
         self.tokenizer.encode_special_tokens = settings["split_special_tokens"]
         self.fields = {name: settings["fields"][name] for name in names}
+        self.strategy, self.max_length = settings["truncation_strategy"], max_length
 
     def __call__(self, texts):
         """`texts`: strings, or (first, second) pairs."""
-        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=True)
+        try:
+            encodings = self.tokenizer.encode_batch(texts, add_special_tokens=True)
+        except Exception as exc:
+            if self.strategy == "only_second":  # only the second text is cut: the first must fit
+                raise ValueError(f"a question (the first text) is longer than the {self.max_length} tokens of "
+                                 f"max_sequence_length leave ({exc})") from None
+            raise
         return {name: [getattr(e, field) for e in encodings] for name, field in self.fields.items()}
 
 
