@@ -141,8 +141,9 @@ def tokenizer_for(family: str):
     return cls(vocab=vocab)
 
 
-def write_tiny(family: str, task: str, folder: Path, seed: int = 0) -> Path:
-    """Write a tiny random `family` model for `task` (its auto class from packager.tasks) and its tokenizer."""
+def write_tiny(family: str, task: str, folder: Path, seed: int = 0, **config) -> Path:
+    """Write a tiny random `family` model for `task` (its auto class from packager.tasks) and its tokenizer;
+    `config` overrides config keywords (e.g. max_position_embeddings=66)."""
     import torch
     import transformers
 
@@ -153,7 +154,7 @@ def write_tiny(family: str, task: str, folder: Path, seed: int = 0) -> Path:
     tokenizer = tokenizer_for(family)
     tokenizer.save_pretrained(folder)
     config = getattr(transformers, spec.config_class)(vocab_size=len(tokenizer), num_labels=LABELS,
-                                                      **spec.config(tokenizer))
+                                                      **{**spec.config(tokenizer), **config})
     torch.manual_seed(seed)
     TASKS[task].auto_class.from_config(config).eval().save_pretrained(folder)
     return folder
