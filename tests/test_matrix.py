@@ -26,7 +26,7 @@ from packager.triton.rows import LOAD, CheckStatus, SmokeRow
 from packager.triton.server import unload_models
 from packager import validate
 from tests.live_server import Published, native_backend, publish_recipe
-from tests.tiny_families import FAMILIES, write_tiny
+from tests.tiny_families import FAMILIES, FAMILIES_TABLE, write_tiny
 from tests.tiny_model import tiny_recipe
 
 # (family, task): every family embeds; classification on families of each tokenizer kind and input set.
@@ -139,6 +139,21 @@ def test_every_cell_is_served_through_its_ensemble_like_pytorch(matrix_cell, fam
     assert "tokens = HF tokenizer" in {row.check for row in cell.rows if row.model == tokenizer}
     worst = cell.worst_metric
     assert worst.metric_value >= (0.9999 if worst.metric == "cosine" else 1.0), worst
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_tiny_family_loads_with_its_own_tokenizer_class_and_model(family, tmp_path):
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
+
+    folder = write_tiny(family, "embeddings", tmp_path / family)
+    spec = FAMILIES_TABLE[family]
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert type(tokenizer) is getattr(transformers, spec.tokenizer_class)
+    kind = {"wordpiece": "WordPiece", "bpe": "BPE", "unigram": "Unigram"}[spec.tokenizer]
+    assert type(tokenizer.backend_tokenizer.model).__name__ == kind
+    assert type(AutoConfig.from_pretrained(folder)).__name__ == spec.config_class
+    assert tokenizer.convert_ids_to_tokens(tokenizer("the fox")["input_ids"])[0] == tokenizer.cls_token
 
 
 def test_a_served_cell_is_unloaded_afterwards(matrix_cell, live_server):

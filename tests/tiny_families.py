@@ -62,6 +62,7 @@ FAMILIES_TABLE: dict[str, Family] = {
     "roberta": Family("RobertaConfig", "bpe", "RobertaTokenizerFast", ROBERTA_SPECIALS, _roberta_like),
     "xlm-roberta": Family("XLMRobertaConfig", "unigram", "XLMRobertaTokenizerFast", ROBERTA_SPECIALS,
                           _roberta_like),
+    "camembert": Family("CamembertConfig", "unigram", "CamembertTokenizerFast", ROBERTA_SPECIALS, _roberta_like),
     "electra": Family("ElectraConfig", "wordpiece", "ElectraTokenizerFast", BERT_SPECIALS,
                       lambda tok: {**_bert_like(tok), "embedding_size": 16}),
     "albert": Family("AlbertConfig", "unigram", "AlbertTokenizerFast", ("<pad>", "<unk>", "[CLS]", "[SEP]", "[MASK]"),
