@@ -417,17 +417,58 @@ def local_folder_data(folder: Path) -> dict:
     }
 
 
+# Families whose position ids start after the padding index (transformers' create_position_ids_from_input_ids):
+# their table of max_position_embeddings rows serves pad_token_id + 1 fewer tokens (RoBERTa: 514 rows, 512 tokens).
+PADDING_OFFSET_FAMILIES = frozenset({
+    "roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "roberta-prelayernorm", "data2vec-text", "ibert",
+    "longformer", "luke", "mpnet", "xmod",
+})
+
+
+@dataclass(frozen=True)
+class Positions:
+    """The longest sequence a model's position table serves, and why."""
+
+    usable: int
+    table: int  # max_position_embeddings
+    offset: int  # rows before the first position (pad_token_id + 1 for PADDING_OFFSET_FAMILIES, else 0)
+    model_type: str
+
+    def describe(self) -> str:
+        if not self.offset:
+            return f"{self.usable} positions"
+        return (f"{self.usable} positions ({self.model_type}: max_position_embeddings {self.table} less its "
+                f"position offset {self.offset})")
+
+
+def model_positions(config: dict) -> Positions | None:
+    """The usable positions of a model from its config (config.json's data); None when it names no table."""
+    table = config.get("max_position_embeddings")
+    if not isinstance(table, int) or isinstance(table, bool) or table <= 0:
+        return None
+    model_type = str(config.get("model_type", ""))
+    offset = 0
+    if model_type in PADDING_OFFSET_FAMILIES:
+        pad = config.get("pad_token_id")
+        offset = (pad if isinstance(pad, int) else 1) + 1
+    return Positions(table - offset, table, offset, model_type)
+
+
 def _sequence_limits(folder: Path) -> list[int]:
-    """The longest sequences the folder's model takes: its position embeddings, and sentence-transformers' length."""
+    """The longest sequences the folder's model takes: its usable positions, and sentence-transformers' length."""
     limits = []
-    for file, key in (("config.json", "max_position_embeddings"), ("sentence_bert_config.json", "max_seq_length")):
+    for file in ("config.json", "sentence_bert_config.json"):
         path = folder / file
         if not path.exists():
             continue
         try:
-            value = json.loads(path.read_text()).get(key)
+            data = json.loads(path.read_text())
         except (ValueError, UnicodeDecodeError):
             raise UsageError(f"{path} is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise UsageError(f"{path} is not a JSON object")
+        positions = model_positions(data) if file == "config.json" else None
+        value = positions.usable if positions else data.get("max_seq_length")
         if isinstance(value, int) and value > 0:
             limits.append(value)
     return limits

@@ -19,7 +19,7 @@ import transformers
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from packager.errors import PackagerError, UsageError, first_line
-from packager.recipe import Recipe, Source
+from packager.recipe import Recipe, Source, model_positions
 from packager.tasks import get_task
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model", "vocab.json")
@@ -121,9 +121,9 @@ def load(recipe: Recipe) -> LoadedModel:
     except Exception as exc:
         raise PackagerError(f"cannot load weights from {folder}: {first_line(exc)}") from None
     model.eval()
-    positions = getattr(model.config, "max_position_embeddings", None)
-    if positions and recipe.profile.sequence.max > positions:
-        raise UsageError(f"profile sequence max {recipe.profile.sequence.max} exceeds the {positions} positions of "
+    positions = model_positions(model.config.to_dict())
+    if positions and recipe.profile.sequence.max > positions.usable:
+        raise UsageError(f"profile sequence max {recipe.profile.sequence.max} exceeds the {positions.describe()} of "
                          f"the model in {folder}: lower it (--sequence)")
     sbert = _json_object(folder / "sentence_bert_config.json")
     max_seq_length = sbert.get("max_seq_length") if isinstance(sbert.get("max_seq_length"), int) else None
