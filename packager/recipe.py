@@ -193,6 +193,9 @@ class Serving:
     pad_to: Literal["buckets", "longest"] = "longest"
     length_buckets: tuple[int, ...] = ()  # with buckets; empty: powers of two from 16 below the profile's max, the max
     onnxruntime: OnnxRuntimeOptions = OnnxRuntimeOptions()
+    # token-classification: also the ensemble <name>_entities, text -> entity spans with character offsets, grouped
+    # as transformers' pipeline("token-classification", aggregation_strategy="simple") groups them
+    entities: bool = False
 
     def __post_init__(self):
         _check(bool(self.targets), "targets must name at least one target")
@@ -371,6 +374,8 @@ def _check_across_sections(recipe: Recipe, where: str) -> None:
         if not sequence.contains(size):
             raise UsageError(f"{where}: [serving] length_buckets {size} is outside the profile's sequence "
                              f"{sequence.min}..{sequence.max}")
+    if recipe.serving.entities and recipe.task != "token-classification":
+        raise UsageError(f"{where}: [serving] entities groups token-classification logits; task is {recipe.task}")
 
 
 # ---- finding recipes ---------------------------------------------------------------------------------------------

@@ -32,7 +32,11 @@ TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 PYTHON_MODELS = TEMPLATE_DIR / "python"
 TOKENIZER_FOLDER = "tokenizer"  # inside the tokenizer model's version folder
 FAST_TOKENIZER_FILE = "tokenizer.json"  # what `tokenizers` loads; absent for slow tokenizers
-ENCODING_FILE = "encoding.json"  # next to the tokenizer model's model.py
+ENCODING_FILE = "encoding.json"  # next to the tokenizer model's model.py (and the entities model's)
+ENTITIES_FILE = "entities.json"  # next to the entities model's model.py: labels by id, ignored labels, unknown id
+ENTITIES_OUTPUT = "entities"  # the entities ensemble's output: one JSON list of entity groups per text
+ENTITIES_SUFFIX, ENTITY_GROUPS_SUFFIX = "_entities", "_entity_groups"  # the ensemble, and its python step
+IGNORED_LABELS = ("O",)  # the pipeline's default ignore_labels
 PADDING_FILE = "padding.json"  # next to the portable model's model.py
 # The tokenizers.Encoding field behind each output of a Hugging Face fast tokenizer (transformers'
 # TokenizersBackend._convert_encoding): the tokenizer model reads them without importing transformers.
@@ -69,6 +73,7 @@ class Artifacts:
     onnx: Path
     tokenizer: PreTrainedTokenizerBase
     tensorrt: TensorRTPlan | None = None
+    labels: tuple[str, ...] = ()  # a classifier's labels by id (the model config's id2label), for [serving] entities
 
 
 @dataclass(frozen=True)
@@ -127,6 +132,8 @@ def render_repository(recipe: Recipe, spec: IOSpec, artifacts: Artifacts) -> lis
         model = dataclasses.replace(target.build(recipe.name + target.model_suffix, inputs), runs=target.runs)
         ensemble = _ensemble(recipe.name + target.ensemble_suffix, tokenizer.name, model, inputs)
         models += [model, dataclasses.replace(ensemble, runs=target.runs)]
+    if serving.entities and len(models) > 1:  # its ensemble pins the first target's model
+        models += _entities(recipe.name, tokenizer, models[1], inputs)
     for model in models:
         model.config_text(1)
     return models
@@ -243,6 +250,55 @@ def _ensemble(name: str, tokenizer: str, model: RenderedModel, inputs: _Inputs) 
         ],
     }
     return RenderedModel(name, "ensemble.pbtxt.j2", context, {})
+
+
+def _entities(name: str, tokenizer: RenderedModel, model: RenderedModel, inputs: _Inputs) -> list[RenderedModel]:
+    """The python step that groups token-classification logits into entity spans, and the ensemble
+    text -> tokenizer -> model -> entity groups."""
+    task = get_task(inputs.recipe.task)
+    text, logits = text_input_names(inputs.recipe)[0], inputs.spec.tensor(task.metric_output)
+    hf_tokenizer = inputs.artifacts.tokenizer
+    saved = _tokenizer_files(hf_tokenizer)
+    if FAST_TOKENIZER_FILE not in saved:
+        raise PackagerError("[serving] entities needs a fast tokenizer (tokenizer.json): character offsets come from it")
+    if len(inputs.artifacts.labels) != logits.dims[-1]:
+        raise PackagerError(f"[serving] entities needs a label for each of the {logits.dims[-1]} logits; the model's "
+                            f"config names {len(inputs.artifacts.labels)}")
+    string = {"data_type": "TYPE_STRING", "dims": [1], "ragged": False}
+    step_name = name + ENTITY_GROUPS_SUFFIX
+    files: dict[str, Path | bytes] = {
+        "model.py": PYTHON_MODELS / "entities_model.py",
+        ENCODING_FILE: tokenizer.files[ENCODING_FILE],
+        ENTITIES_FILE: (json.dumps({"labels": list(inputs.artifacts.labels), "ignore_labels": list(IGNORED_LABELS),
+                                    "unk_id": hf_tokenizer.unk_token_id}, indent=2) + "\n").encode(),
+        **{f"{TOKENIZER_FOLDER}/{path}": data for path, data in saved.items()},
+    }
+    step = RenderedModel(step_name, "entities.pbtxt.j2", {
+        "name": step_name,
+        "recipe": inputs.recipe.name,
+        "max_batch_size": inputs.recipe.profile.batch.max,
+        "inputs": [{"name": text, **string}, _tensor(logits)],
+        "outputs": [{"name": ENTITIES_OUTPUT, **string}],
+        "instance": {"kind": "KIND_CPU", "count": inputs.serving.tokenizer_instances, "profiles": []},
+        "parameters": {"max_sequence_length": str(inputs.recipe.profile.sequence.max),
+                       "tokenizer_folder": TOKENIZER_FOLDER},
+    }, files)
+    tensors = {n: n for n in inputs.spec.input_names}
+    ensemble_name = name + ENTITIES_SUFFIX
+    ensemble = RenderedModel(ensemble_name, "ensemble.pbtxt.j2", {
+        "name": ensemble_name,
+        "recipe": inputs.recipe.name,
+        "max_batch_size": model.context["max_batch_size"],
+        "inputs": [{"name": text, **string}],
+        "outputs": [{"name": ENTITIES_OUTPUT, **string}],
+        "steps": [
+            {"model": tokenizer.name, "input_map": {text: text}, "output_map": tensors},
+            {"model": model.name, "input_map": tensors, "output_map": {logits.name: logits.name}},
+            {"model": step_name, "input_map": {text: text, logits.name: logits.name},
+             "output_map": {ENTITIES_OUTPUT: ENTITIES_OUTPUT}},
+        ],
+    }, {})
+    return [step, dataclasses.replace(ensemble, runs=model.runs)]
 
 
 TARGETS: dict[str, Target] = {

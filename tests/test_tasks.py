@@ -18,6 +18,7 @@ from packager import export, render, source, validate
 from packager.errors import PackagerError, UsageError
 from packager.recipe import Profile, Range, Tolerances, load_recipe
 from packager.tasks import get_task
+from tests.tiny_families import write_tiny
 from tests.tiny_model import tiny_recipe, write_tiny_bert
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -31,14 +32,24 @@ CELLS = {
 METRICS = {"token-classification": "token-argmax", "question-answering": "span", "text-pair-classification": "argmax"}
 
 
+NER_LABELS = {0: "O", 1: "B-PER", 2: "I-PER"}  # B-/I- tags and an ignored label, as NER models name them
+
+
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict[str, Path]:
-    return {task: write_tiny_bert(tmp_path_factory.mktemp(task), task=task) for task in NEW_TASKS}
+    """The token classifier is a tiny BERT with a WordPiece tokenizer trained offline (real word pieces and character
+    offsets for its entities); the others are tiny BERTs too."""
+    folders = {task: write_tiny_bert(tmp_path_factory.mktemp(task), task=task) for task in NEW_TASKS[1:]}
+    ner = write_tiny("bert", "token-classification", tmp_path_factory.mktemp("ner"), id2label=NER_LABELS,
+                     label2id={label: index for index, label in NER_LABELS.items()})
+    return {"token-classification": ner, **folders}
 
 
 def recipe_of(task: str, folder: Path):
+    """The task's tiny recipe; the token classifier also serves its entity spans."""
     name, sequence = CELLS[task]
-    return tiny_recipe(folder, task=task, name=name, profile={"batch": [1, 2, 4], "sequence": sequence})
+    serving = {"serving": {"entities": True}} if task == "token-classification" else {}
+    return tiny_recipe(folder, task=task, name=name, profile={"batch": [1, 2, 4], "sequence": sequence}, **serving)
 
 
 # ---- task inference -------------------------------------------------------------------------------------------
@@ -153,7 +164,7 @@ def rendered(folders, tmp_path_factory) -> dict[str, dict[str, render.RenderedMo
         path = tmp_path_factory.mktemp(task) / "model.onnx"
         exported = export.export_onnx(loaded, get_task(task), path, recipe.opset)
         models[task] = {m.name: m for m in render.render_repository(
-            recipe, exported.spec, render.Artifacts(path, loaded.tokenizer))}
+            recipe, exported.spec, render.Artifacts(path, loaded.tokenizer, labels=loaded.labels))}
     return models
 
 
@@ -218,6 +229,13 @@ def test_each_task_is_served_through_its_ensemble_as_transformers_answers(live_t
     assert len(cases) == 4 and all(f"{METRICS[task]} 1.000000" in checks[c].detail for c in cases)
     tokenizer_checks = checks_of(result, published.named("_tokenizer"), "grpc")
     assert tokenizer_checks["tokens = HF tokenizer"].passed
+    if task == "token-classification":  # the entity spans, against transformers' pipeline
+        entities = checks_of(result, published.named("_entities"), "grpc")
+        cases = {f"entities = transformers pipeline: {case}" for case in
+                 ("batch 1", "batch 4, mixed lengths", "longer than max sequence", "non-ASCII")}
+        assert cases <= set(entities) and all(entities[case].passed for case in cases), entities
+        assert all("as the pipeline groups them" in entities[case].detail for case in cases)
+        assert all(row.passed for row in entities.values())
     texts = get_task(task).text_inputs
     if texts:  # a pair request without its second text is refused, naming it
         missing = checks["bad request: missing input"].detail

@@ -10,6 +10,7 @@ Triton's errors while the server stays healthy.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import threading
 from collections.abc import Callable, Sequence
@@ -22,6 +23,7 @@ from packager import validate
 from packager.errors import PackagerError
 from packager.iospec import BATCH
 from packager.recipe import Tolerances
+from packager.render import ENTITIES_OUTPUT
 from packager.triton.client import Client, error_text, infer_at_once
 from packager.triton.discovery import Model, Role
 from packager.triton.reference import Reference
@@ -119,6 +121,10 @@ class Checks:
         if model.role is Role.MODEL:
             return {"inputs": spec, "outputs": outputs}
         text = {tensor.name: ("TYPE_STRING", list(tensor.dims)) for tensor in model.text_inputs}
+        if model.role is Role.ENTITIES:  # the ensemble takes text; its python step, text and the task's logits
+            logits = self.reference.task.metric_output
+            step = {} if model.config.platform == "ensemble" else {logits: outputs[logits]}
+            return {"inputs": {**text, **step}, "outputs": {ENTITIES_OUTPUT: ("TYPE_STRING", [1])}}
         return {"inputs": text, "outputs": spec if model.role is Role.TOKENIZER else outputs}
 
     # -- answers
@@ -127,6 +133,11 @@ class Checks:
         cases = _text_cases(self.reference.examples, model.max_batch_size)
         if model.role is Role.TOKENIZER:
             return [self.attempt("tokens = HF tokenizer", model.name, self.tokens, model, cases)]
+        if model.role is Role.ENTITIES:  # the python step is checked through its ensemble
+            if model.config.platform != "ensemble":
+                return []
+            return [self.attempt(f"entities = transformers pipeline: {case}", model.name, self.entities, model, texts)
+                    for case, texts in cases.items()]
         label = "text → PyTorch" if model.role is Role.ENSEMBLE else "tokens → PyTorch"
         return [
             self.attempt(f"{label}: {case}", model.name, self.answer, model, texts) for case, texts in cases.items()
@@ -136,6 +147,23 @@ class Checks:
         batch = self.reference.tokenize(texts)
         served = self.client.infer(model.name, self._inputs(model, batch), model.output_names)
         return self.reference.compare(batch, self.reference.answer(texts), served, _gate(model))
+
+    def entities(self, model: Model, texts: Sequence[str]) -> tuple[bool, str]:
+        """The served entity groups against transformers' token-classification pipeline on the same texts: the same
+        groups, words and character offsets, scores within the gate's max_abs (at least 1e-4)."""
+        served = self.client.infer(model.name, model.text_request(texts), [ENTITIES_OUTPUT])[ENTITIES_OUTPUT]
+        expected = self.reference.entities(texts)
+        tolerance = max(_gate(model).max_abs, 1e-4)
+        count = 0
+        for text, answer, wanted in zip(texts, served.reshape(-1), expected):
+            groups = json.loads(answer)
+            if _spans(groups) != _spans(wanted):
+                return False, f"{text[:40]!r}: served {_spans(groups)}, the pipeline {_spans(wanted)}"
+            worst = max((abs(g["score"] - w["score"]) for g, w in zip(groups, wanted)), default=0.0)
+            if not worst <= tolerance:
+                return False, f"{text[:40]!r}: entity score |Δ| {worst:.3g} > {tolerance:g}"
+            count += len(groups)
+        return True, f"{len(texts)} texts, {count} entities as the pipeline groups them"
 
     def tokens(self, model: Model, cases: dict[str, tuple[Example, ...]]) -> tuple[bool, str]:
         for case, texts in cases.items():
@@ -295,6 +323,11 @@ def _same(expected: dict, found: dict) -> tuple[bool, str]:
     if differences:
         return False, "; ".join(differences)
     return True, ", ".join(f"{len(expected[kind])} {kind}" for kind in ("inputs", "outputs")) + " as the IO spec says"
+
+
+def _spans(groups: list[dict]) -> list[tuple]:
+    """Entity groups without their scores: (entity_group, word, start, end)."""
+    return [(group["entity_group"], group["word"], group["start"], group["end"]) for group in groups]
 
 
 def _describe(tensor: tuple[str, list[int]] | None) -> str:

@@ -34,6 +34,7 @@ class Role(Enum):
     ENSEMBLE = "ensemble"  # text in, the model's outputs out
     TOKENIZER = "tokenizer"  # text in, token tensors out
     MODEL = "model"  # token tensors in, outputs out
+    ENTITIES = "entities"  # text out: entity spans ([serving] entities), its ensemble and its python step
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,8 @@ class Model:
 
     @property
     def role(self) -> Role:
+        if any(t.data_type == model_config_pb2.TYPE_STRING for t in self.config.output):
+            return Role.ENTITIES
         if self.config.platform == "ensemble":
             return Role.ENSEMBLE
         texts = [t for t in self.config.input if t.data_type == model_config_pb2.TYPE_STRING]

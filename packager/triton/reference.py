@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
 from packager import source, validate
+from packager.errors import PackagerError
 from packager.iospec import IOSpec
 from packager.recipe import Profile, Recipe, Tolerances, padded_length
 from packager.tasks import Task, get_task
@@ -29,6 +31,9 @@ class Reference:
     runner: validate.Runner
     profile: Profile
     buckets: tuple[int, ...]  # the served tokenizer's length buckets (empty: padded to the longest text)
+    # [serving] entities: transformers' pipeline("token-classification", aggregation_strategy="simple"), truncating
+    # at the profile's max sequence as the served tokenizer does
+    entity_pipeline: Callable[[list[str]], list[list[dict]]] | None = None
     _answers: dict[tuple[str, ...], Outputs] = field(default_factory=dict, init=False, repr=False)
 
     @classmethod
@@ -39,7 +44,9 @@ class Reference:
             runner = validate.model_runner(loaded.model, spec)
         else:
             runner = validate.torch_runner(task.wrapper(loaded.model, spec.input_names).eval(), spec)
-        return cls(task, spec, loaded.tokenizer, runner, recipe.profile, recipe.serving.buckets(recipe.profile))
+        pipeline = _entity_pipeline(loaded, recipe.profile.sequence.max) if recipe.serving.entities else None
+        return cls(task, spec, loaded.tokenizer, runner, recipe.profile, recipe.serving.buckets(recipe.profile),
+                   pipeline)
 
     @property
     def examples(self) -> tuple[Example, ...]:
@@ -51,6 +58,12 @@ class Reference:
         lengths = validate.token_lengths(self.tokenizer, self.task, list(texts), sequence.max)
         length = padded_length(max(lengths), sequence.min, self.buckets)
         return validate.encode_batch(self.tokenizer, self.spec, self.task, list(texts), length)
+
+    def entities(self, texts: Sequence[str]) -> list[list[dict]]:
+        """The pipeline's entity groups of each text."""
+        if self.entity_pipeline is None:
+            raise PackagerError("the recipe serves no entities ([serving] entities = false)")
+        return self.entity_pipeline(list(texts))
 
     def answer(self, texts: Sequence[Example]) -> Outputs:
         key = tuple(texts)
@@ -77,3 +90,18 @@ class Reference:
         if not worst <= tolerance:
             return False, f"{name}: alone vs joined max |Δ| {worst:.3g} > {tolerance:g}"
         return True, f"alone vs joined max |Δ| {worst:.2g}"
+
+
+def _entity_pipeline(loaded: source.LoadedModel, max_length: int) -> Callable[[list[str]], list[list[dict]]]:
+    from transformers import pipeline
+
+    tokenizer = copy.deepcopy(loaded.tokenizer)
+    tokenizer.model_max_length = max_length  # the pipeline truncates there, as the served tokenizer does
+    run = pipeline("token-classification", model=loaded.model, tokenizer=tokenizer, aggregation_strategy="simple",
+                   device="cpu")
+
+    def entities(texts: list[str]) -> list[list[dict]]:
+        answers = run(texts)
+        return [[{**group, "score": float(group["score"])} for group in groups] for groups in answers]
+
+    return entities
