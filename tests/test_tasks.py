@@ -257,3 +257,34 @@ def test_a_question_longer_than_the_max_sequence_gets_a_clear_error(live_tasks, 
     with pytest.raises(InferenceServerException, match=r"tokenizer: a question \(the first text\) is longer than the 32 tokens"):
         client.infer(ensemble, inputs)
     client.close()
+
+
+# ---- entity spans and int8 calibration of pairs ------------------------------------------------------------------
+
+
+def test_entities_are_for_token_classification_with_a_label_per_logit(folders, tmp_path):
+    with pytest.raises(UsageError, match=r"\[serving\] entities groups token-classification logits; task is "
+                                         "question-answering"):
+        recipe_of("question-answering", folders["question-answering"]).override({"serving": {"entities": True}})
+    recipe = recipe_of("token-classification", folders["token-classification"])
+    loaded = source.load(recipe)
+    exported = export.export_onnx(loaded, get_task(recipe.task), tmp_path / "model.onnx", recipe.opset)
+    with pytest.raises(PackagerError, match="needs a label for each of the 3 logits; the model's config names 0"):
+        render.render_repository(recipe, exported.spec, render.Artifacts(exported.path, loaded.tokenizer))
+    models = {m.name: m for m in render.render_repository(
+        recipe, exported.spec, render.Artifacts(exported.path, loaded.tokenizer, labels=loaded.labels))}
+    settings = json.loads(models["tinytok_entity_groups"].files[render.ENTITIES_FILE])
+    assert settings == {"labels": ["O", "B-PER", "I-PER"], "ignore_labels": ["O"],
+                        "unk_id": loaded.tokenizer.unk_token_id}
+
+
+def test_pairs_are_calibrated_as_pairs_and_questions_as_questions():
+    from packager.optimize.calibration import calibration_examples, calibration_texts
+
+    texts = calibration_texts()
+    assert calibration_examples(pairs=False, questions=False) == texts
+    pairs = calibration_examples(pairs=True, questions=False)
+    assert pairs[0] == (texts[0], texts[1]) and len(pairs) == len(texts) // 2
+    questions = calibration_examples(pairs=True, questions=True)
+    assert all(q.endswith("?") and len(q.split()) <= 4 for q, _ in questions)
+    assert [context for _, context in questions] == texts[1::2]
