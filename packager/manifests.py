@@ -273,14 +273,14 @@ def _check_inference_service(data: dict, what: str) -> None:
     model = _table(predictor.get("model"), what, f"{at}.model")
     at = f"{at}.model"
     _kserve_fields(model, KSERVE_MODEL_FIELDS, what, at)
+    container = {key: value for key, value in model.items() if key not in KSERVE_MODEL_FIELDS}
+    _check_model(k8s.V1Container, {"name": KSERVE_CONTAINER, **container}, what, at)
     model_format = _table(model.get("modelFormat"), what, f"{at}.modelFormat")
     _only(model_format, {"name", "version"}, what, f"{at}.modelFormat")
     if model_format.get("name") != "triton":
         raise PackagerError(f"{what} {at}.modelFormat.name: must be \"triton\"; got {model_format.get('name')!r}")
     if not str(model.get("storageUri", "")).startswith("s3://"):
         raise PackagerError(f"{what} {at}.storageUri: must be an s3:// URI; got {model.get('storageUri')!r}")
-    container = {key: value for key, value in model.items() if key not in KSERVE_MODEL_FIELDS}
-    _check_model(k8s.V1Container, {"name": KSERVE_CONTAINER, **container}, what, at)
 
 
 def _kserve_fields(table: dict, fields: dict[str, type], what: str, at: str) -> None:
@@ -311,12 +311,13 @@ def _check_quantities(value, what: str, at: str) -> None:
         for key, item in value.items():
             here = _join(at, key)
             if key in QUANTITY_KEYS:
-                for name, quantity in (item.items() if isinstance(item, dict) else [("", item)]):
+                quantities = {_join(here, name): q for name, q in item.items()} if isinstance(item, dict) \
+                    else {here: item}
+                for where, quantity in quantities.items():
                     try:
                         parse_quantity(quantity)
                     except ValueError:
-                        raise PackagerError(f"{what} {_join(here, name)}: {quantity!r} is not a Kubernetes "
-                                            "quantity") from None
+                        raise PackagerError(f"{what} {where}: {quantity!r} is not a Kubernetes quantity") from None
             else:
                 _check_quantities(item, what, here)
 
