@@ -300,7 +300,7 @@ class Deploy:
     """The [deploy] section: what each Triton server of a Kubernetes fleet gets (packager.manifests renders it).
 
     The defaults fit the embedded MiniLM on CPU: its five models served idle in 1.1 GiB (server and python stubs,
-    README "Kubernetes manifests"), so 2 GiB leaves room for batches.
+    scripts/fleet_check.py), so 2 GiB leaves room for batches.
     """
 
     replicas: int = 2  # Deployment replicas; the InferenceService's minReplicas
