@@ -112,14 +112,14 @@ class Manifest:
 def render_manifests(recipe: Recipe, repository: str, endpoint_url: str | None = None) -> list[Manifest]:
     """fleet.yaml and kserve.yaml for `recipe` serving `repository` (s3://bucket/prefix), each checked."""
     fleet = fleet_of(recipe, repository, endpoint_url)
-    manifests = []
+    rendered = []
     for file, template in TEMPLATES.items():
         try:
             text = environment().get_template(template).render(fleet=fleet, deploy=recipe.deploy)
         except jinja2.TemplateError as exc:
             raise PackagerError(f"template {template}: {first_line(exc)}") from None
-        manifests.append(Manifest(file, text, check_documents(text, template)))
-    return manifests
+        rendered.append(Manifest(file, text, check_documents(text, template)))
+    return rendered
 
 
 def write_manifests(manifests: list[Manifest], folder: Path) -> list[Path]:
