@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -63,6 +65,16 @@ def test_the_command_writes_the_checked_files_and_says_they_are_not_applied(tmp_
     assert f"{tmp_path / 'fleet.yaml'}: Deployment bert-triton, Service bert-triton" in out
     assert f"{tmp_path / 'kserve.yaml'}: ServiceAccount bert, InferenceService bert" in out
     assert "not applied" in out
+
+
+def test_the_command_imports_no_heavy_library(tmp_path):
+    """Rendering manifests needs the recipe only: no torch, transformers, ONNX Runtime or TensorRT."""
+    code = (f"import sys\nfrom packager.cli import main\n"
+            f"assert main(['manifests', 'bert', '--repository', {REPOSITORY!r}, '--out', {str(tmp_path)!r}]) == 0\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'onnxruntime', 'tensorrt', 'tensorrt_rtx') "
+            "if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout + result.stderr
 
 
 @pytest.mark.parametrize(("arguments", "message"), [
