@@ -99,8 +99,8 @@ def prepare(recipe, folder: Path) -> Path:
     fp16_graph(exported.path, folder / "model.fp16.onnx")
     exported.spec.write(folder / "iospec.json")
     batches = validate.make_batches(loaded.tokenizer, exported.spec, recipe.profile)
-    reference = validate.torch_runner(exported.wrapper, exported.spec)
-    references = [reference(batch.inputs) for batch in batches]
+    reference = task.reference(loaded, exported.spec)
+    references = [reference(batch) for batch in batches]
     np.savez(folder / "batches.npz", **{f"{i}/{k}": v for i, b in enumerate(batches) for k, v in b.inputs.items()})
     np.savez(folder / "references.npz", **{f"{i}/{k}": v for i, r in enumerate(references) for k, v in r.items()})
     weights = {k: v.detach().numpy() for k, v in loaded.model.state_dict().items()}
