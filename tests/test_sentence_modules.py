@@ -239,3 +239,14 @@ def test_the_live_smoke_checks_each_prompt_and_refuses_an_unknown_one(served_cls
     assert {f"text with prompt '{name}' → PyTorch" for name in PROMPTS} <= set(rows)
     assert "bad request: unknown prompt_name" in rows
     assert result.passed, result.summary()
+
+
+def test_packaging_a_folder_with_a_module_it_cannot_export_is_one_line_and_writes_nothing(capsys, tmp_path):
+    from tests.test_cli import assert_one_line_error, package_args, run_cli
+
+    folder = write_sentence_folder(tmp_path / "model", ("cls",))
+    _module_type(folder, 1, "sentence_transformers.models.WordWeights")
+    code, _, err = run_cli(capsys, "package", str(folder), *package_args(tmp_path))
+    assert code != 0
+    assert_one_line_error(err, "sentence_transformers.models.WordWeights", "cannot be exported")
+    assert not (tmp_path / "repo").exists() and not any((tmp_path / "build").glob("model*"))
