@@ -45,7 +45,7 @@ def export_onnx(loaded: LoadedModel, task: Task, path: Path, opset: int) -> Expo
     type_vocab_size is 0) is left out of the spec, and the returned wrapper takes the graph's inputs only.
     """
     input_names = list(loaded.tokenizer.model_input_names)
-    wrapper = task.wrapper(loaded.model, input_names).eval()
+    wrapper = task.wrapper(loaded, input_names).eval()
     example = loaded.tokenizer(EXAMPLE_TEXTS, padding=True, return_tensors="pt")
     args = tuple(example[name] for name in input_names)
     axes = expected_axes(input_names, task)
