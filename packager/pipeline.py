@@ -248,8 +248,8 @@ def stage_release(built: BuildFolder, loaded: source.LoadedModel) -> StagedRelea
     recipe = built.recipe
     with step("render Triton configs (checked with Triton's ModelConfig schema)"):
         models = render.render_repository(recipe, built.spec, render.Artifacts(
-            built.shipped_path, loaded.tokenizer, built.plan(), loaded.labels,
-            loaded.modules.prompts if loaded.modules else {}))
+            built.shipped_path, loaded.tokenizer, built.plan(), loaded.modules.prompts if loaded.modules else {},
+            loaded.labels))
         say("    " + ", ".join(model.name for model in models))
     gates = {"onnx": built.record.shipped_gate, "plan": built.record.tensorrt.gate}
     return StagedRelease(models, Release.of(recipe.to_data(), recipe.source.describe(), built.spec, built.record),

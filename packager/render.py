@@ -72,8 +72,8 @@ class Artifacts:
     onnx: Path
     tokenizer: PreTrainedTokenizerBase
     tensorrt: TensorRTPlan | None = None
-    labels: tuple[str, ...] = ()  # a classifier's labels by id (the model config's id2label), for [serving] entities
     prompts: Mapping[str, str] = field(default_factory=dict)  # sentence-transformers prompts, by name
+    labels: tuple[str, ...] = ()  # a classifier's labels by id (the model config's id2label), for [serving] entities
 
 
 @dataclass(frozen=True)
