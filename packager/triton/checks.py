@@ -181,7 +181,7 @@ class Checks:
     def unknown_prompt(self, model: Model) -> tuple[bool, str]:
         """A prompt_name the model does not have is refused, naming the prompts it has."""
         try:
-            self.client.infer(model.name, model.text_request(validate.VALIDATION_TEXTS[:1]), model.output_names,
+            self.client.infer(model.name, model.text_request(self.reference.examples[:1]), model.output_names,
                               parameters={"prompt_name": UNKNOWN_PROMPT})
         except InferenceServerException as error:
             message = error_text(error)
