@@ -10,6 +10,7 @@ both. `pytest tests/test_matrix.py --matrix-table` prints the README's table fro
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,7 @@ class Cell:
     target: str
     rows: tuple[SmokeRow, ...]
     parity: tuple[validate.ParityRow, ...]  # the ensemble's answers to VALIDATION_TEXTS against PyTorch
+    configs: dict[str, str]  # model -> its config.pbtxt as served
     seconds: float  # write, build, publish, load, check and unload
 
     @property
@@ -77,9 +79,9 @@ def ensemble_name(published: Published, target: str) -> str:
     return published.named("" if target == "onnxruntime" else "_python")
 
 
-def _serve_cell(server, repository: Path, published: Published, target: str) -> tuple[tuple, tuple]:
+def _serve_cell(server, repository: Path, published: Published, target: str) -> tuple[tuple, tuple, dict]:
     """Load the cell's models, run the smoke's checks on its ensemble and tokenizer over HTTP, compare the
-    ensemble's answers with PyTorch, and unload them."""
+    ensemble's answers with PyTorch, unload them and take them out of the repository (their configs returned)."""
     ensemble = ensemble_name(published, target)
     found, rows = load_servable(server, repository, published.models)
     served = [found[row.model] for row in rows if row.status is CheckStatus.PASS]
@@ -100,7 +102,10 @@ def _serve_cell(server, repository: Path, published: Published, target: str) -> 
                            for name in reference.spec.output_names]
     finally:
         unload_models(server, [ensemble, *(name for name in published.models if name != ensemble)])
-    return tuple(rows), tuple(parity)
+        configs = {name: (repository / name / "config.pbtxt").read_text() for name in published.models}
+        for name in published.models:  # out of the live repository: live_loaded loads every model it holds
+            shutil.rmtree(repository / name)
+    return tuple(rows), tuple(parity), configs
 
 
 @pytest.fixture(scope="session")
@@ -118,8 +123,9 @@ def matrix_cell(request, tmp_path_factory, live_server, live_repository):
             folder = write_tiny(family, task, tmp_path_factory.mktemp(name))
             recipe = tiny_recipe(folder, task=task, name=name, serving={"targets": [target]})
             published = publish_recipe(recipe, tmp_path_factory.mktemp("build"), live_repository)
-            rows, parity = _serve_cell(live_server, live_repository, published, target)
-            cells[family, task] = Cell(family, task, published, target, rows, parity, time.monotonic() - started)
+            rows, parity, configs = _serve_cell(live_server, live_repository, published, target)
+            cells[family, task] = Cell(family, task, published, target, rows, parity, configs,
+                                       time.monotonic() - started)
         return cells[family, task]
 
     yield cell
@@ -156,30 +162,32 @@ def test_each_tiny_family_loads_with_its_own_tokenizer_class_and_model(family, t
     assert tokenizer.convert_ids_to_tokens(tokenizer("the fox")["input_ids"])[0] == tokenizer.cls_token
 
 
-def test_a_served_cell_is_unloaded_afterwards(matrix_cell, live_server):
-    """Explicit model control keeps the server's memory flat: a cell's models leave once it is checked."""
+def test_a_served_cell_is_unloaded_afterwards(matrix_cell, live_server, live_repository):
+    """Explicit model control keeps the server's memory flat: a cell's models leave the server and the repository
+    once it is checked."""
     import tritonclient.http as httpclient
 
     cell = matrix_cell("bert", "embeddings")
+    assert not any((live_repository / name).exists() for name in cell.published.models)
     client = httpclient.InferenceServerClient(live_server.http_url)
     try:
         deadline = time.monotonic() + 30
-        while ready := [m["name"] for m in client.get_model_repository_index()
-                        if m["name"] in cell.published.models and m.get("state") == "READY"]:
+        while ready := [name for name in cell.published.models if client.is_model_ready(name)]:
             assert time.monotonic() < deadline, f"still loaded: {ready}"
             time.sleep(0.2)
     finally:
         client.close()
 
 
-def test_deberta_v3_without_token_type_ids_is_packaged_and_served(matrix_cell, live_repository):
+def test_deberta_v3_without_token_type_ids_is_packaged_and_served(matrix_cell):
     """Failure 2 of issue 13: the exporter drops the unused token_type_ids; the spec, the tokenizer model's
     outputs and every config leave it out, while the tokenizer still produces it."""
     cell = matrix_cell("deberta-v3", "embeddings")
     assert cell.published.spec.input_names == ["input_ids", "attention_mask"]
     assert "token_type_ids" in cell.published.reference.tokenizer("a text")  # the tokenizer still makes it
-    for model in cell.published.models:
-        assert "token_type_ids" not in (live_repository / model / "config.pbtxt").read_text(), model
+    assert set(cell.configs) == set(cell.published.models)
+    for model, config in cell.configs.items():
+        assert "token_type_ids" not in config, model
     assert not cell.failures, "\n".join(cell.failures)
 
 
