@@ -45,7 +45,7 @@ def export_onnx(loaded: LoadedModel, task: Task, path: Path, opset: int) -> Expo
     type_vocab_size is 0) is left out of the spec, and the returned wrapper takes the graph's inputs only.
     """
     input_names = list(loaded.tokenizer.model_input_names)
-    wrapper = task.wrapper(loaded.model, input_names).eval()
+    wrapper = task.wrapper(loaded, input_names).eval()
     example = loaded.tokenizer(EXAMPLE_TEXTS, padding=True, return_tensors="pt")
     args = tuple(example[name] for name in input_names)
     axes = expected_axes(input_names, task)
@@ -69,7 +69,7 @@ def export_onnx(loaded: LoadedModel, task: Task, path: Path, opset: int) -> Expo
     kept = graph_input_names(path)
     if kept != input_names:  # the exporter dropped inputs the graph does not use: the graph's inputs are the spec
         input_names = [name for name in input_names if name in kept]
-        wrapper = task.wrapper(loaded.model, input_names).eval()
+        wrapper = task.wrapper(loaded, input_names).eval()
         args = tuple(example[name] for name in input_names)
         axes = expected_axes(input_names, task)
     with torch.no_grad():

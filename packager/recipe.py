@@ -11,6 +11,7 @@ import dataclasses
 import itertools
 import json
 import math
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -295,6 +296,51 @@ class TensorRT:
 
 
 @dataclass(frozen=True)
+class Deploy:
+    """The [deploy] section: what each Triton server of a Kubernetes fleet gets (packager.manifests renders it).
+
+    The defaults fit the embedded MiniLM on CPU: its five models served idle in 1.1 GiB (server and python stubs,
+    scripts/fleet_check.py), so 2 GiB leaves room for batches.
+    """
+
+    replicas: int = 2  # Deployment replicas; the InferenceService's minReplicas
+    max_replicas: int = 4  # the InferenceService's autoscaling ceiling
+    cpu: float = 2.0  # cores requested and limited, in steps of 0.001 (rendered as millicores when fractional)
+    memory_mib: int = 2048  # memory requested and limited
+    shm_mib: int = 1024  # /dev/shm (a memory-backed emptyDir): the python backend passes tensors through it
+    gpus: int = 0  # nvidia.com/gpu per server
+    model_control: Literal["poll", "explicit"] = "poll"  # poll: new pins load by themselves; explicit: all at start
+    poll_seconds: int = 15  # --repository-poll-secs in poll mode (each poll lists the repository)
+    credentials_secret: str = "triton-model-repository"  # Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY
+    image: str = ""  # empty: nvcr.io/nvidia/tritonserver:<triton_release>-py3
+
+    def __post_init__(self):
+        _check(1 <= self.replicas <= self.max_replicas <= 1000,
+               f"must satisfy 1 <= replicas <= max_replicas <= 1000; got {self.replicas}, {self.max_replicas}")
+        _check(0.001 <= self.cpu <= 512 and abs(self.cpu * 1000 - round(self.cpu * 1000)) < 1e-6,
+               f"cpu must be 0.001..512 cores in steps of 0.001; got {self.cpu}")
+        _check(256 <= self.memory_mib <= 4 << 20, f"memory_mib must be 256..{4 << 20}; got {self.memory_mib}")
+        _check(64 <= self.shm_mib < self.memory_mib,
+               f"shm_mib must be at least 64 and below memory_mib ({self.memory_mib}); got {self.shm_mib}")
+        _check(0 <= self.gpus <= 16, f"gpus must be 0..16; got {self.gpus}")
+        _check(1 <= self.poll_seconds <= 3600, f"poll_seconds must be 1..3600; got {self.poll_seconds}")
+        _check(_DNS_NAME.fullmatch(self.credentials_secret) is not None,
+               f"credentials_secret must be a Kubernetes name (lowercase letters, digits, '-'); "
+               f"got {self.credentials_secret!r}")
+        _check(self.image == self.image.strip() and " " not in self.image, f"image must be an image reference; "
+                                                                           f"got {self.image!r}")
+
+    @property
+    def cpu_quantity(self) -> str:
+        """`cpu` as a Kubernetes quantity: "2" or "1500m"."""
+        millicores = round(self.cpu * 1000)
+        return str(millicores // 1000) if millicores % 1000 == 0 else f"{millicores}m"
+
+
+_DNS_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str
     task: Literal["embeddings", "sequence-classification"]
@@ -306,6 +352,7 @@ class Recipe:
     serving: Serving = Serving()
     optimize: Optimize = Optimize()
     tensorrt: TensorRT = TensorRT()
+    deploy: Deploy = Deploy()
 
     @property
     def opset(self) -> int:

@@ -50,9 +50,9 @@ def test_a_dynamic_axis_that_came_out_fixed_is_an_error(exported, tmp_path):
 
 
 def test_export_failure_is_one_clear_error(exported, tmp_path):
-    loaded, _, _ = exported
+    loaded, task, _ = exported
     with pytest.raises(PackagerError, match="ONNX export failed at opset 7"):
-        export.export_onnx(loaded, get_task("embeddings"), tmp_path / "m.onnx", opset=7)
+        export.export_onnx(loaded, task, tmp_path / "m.onnx", opset=7)
 
 
 def test_an_input_the_exporter_drops_leaves_the_spec_and_the_wrapper(tmp_path):
