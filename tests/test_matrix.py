@@ -1,6 +1,7 @@
 """The family × task matrix, served live: each cell is a tiny random model of one family (tests/tiny_families.py)
 exported, gated, rendered, published to the session's live repository, loaded on the one live server, answered
-through its ensemble and compared with PyTorch (the smoke's checks and Reference), then unloaded.
+through its ensemble and compared with the task's reference (the smoke's checks and Reference:
+sentence-transformers for embeddings, the transformers model otherwise), then unloaded.
 
 One serving target per cell keeps the matrix within its CI budget: the native onnxruntime ensemble when its
 backend is built (it loads no python stub for the graph), else the python one. The tokenizer model is python in
@@ -50,7 +51,7 @@ class Cell:
     published: Published
     target: str
     rows: tuple[SmokeRow, ...]
-    parity: tuple[validate.ParityRow, ...]  # the ensemble's answers to VALIDATION_TEXTS against PyTorch
+    parity: tuple[validate.ParityRow, ...]  # the ensemble's answers to VALIDATION_TEXTS against the reference
     configs: dict[str, str]  # model -> its config.pbtxt as served
     seconds: float  # write, build, publish, load, check and unload
 
@@ -81,7 +82,7 @@ def ensemble_name(published: Published, target: str) -> str:
 
 def _serve_cell(server, repository: Path, published: Published, target: str) -> tuple[tuple, tuple, dict]:
     """Load the cell's models, run the smoke's checks on its ensemble and tokenizer over HTTP, compare the
-    ensemble's answers with PyTorch, unload them and take them out of the repository (their configs returned)."""
+    ensemble's answers with the reference, unload them and take them out of the repository (configs returned)."""
     ensemble = ensemble_name(published, target)
     found, rows = load_servable(server, repository, published.models)
     served = [found[row.model] for row in rows if row.status is CheckStatus.PASS]
