@@ -20,13 +20,13 @@ import pytest
 
 pytest.importorskip("pytriton", reason="the local launcher needs nvidia-pytriton")
 
+from packager import validate
 from packager.recipe import model_positions
 from packager.triton.checks import Checks
 from packager.triton.client import PROTOCOLS, connection
 from packager.triton.discovery import Role, load_servable
 from packager.triton.rows import LOAD, CheckStatus, SmokeRow
 from packager.triton.server import unload_models
-from packager import validate
 from tests.live_server import Published, native_backend, publish_recipe
 from tests.tiny_families import FAMILIES, FAMILIES_TABLE, write_tiny
 from tests.tiny_model import tiny_recipe
