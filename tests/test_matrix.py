@@ -136,7 +136,7 @@ def matrix_cell(request, tmp_path_factory, live_server, live_repository):
 
 
 @pytest.mark.parametrize("family, task", MATRIX, ids=[f"{f}-{t}" for f, t in MATRIX])
-def test_every_cell_is_served_through_its_ensemble_like_pytorch(matrix_cell, family, task):
+def test_every_cell_is_served_through_its_ensemble_like_its_reference(matrix_cell, family, task):
     cell = matrix_cell(family, task)
     assert not cell.failures, "\n".join(cell.failures)
     checked = {row.check for row in cell.rows if row.model == ensemble_name(cell.published, cell.target)}
