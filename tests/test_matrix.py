@@ -1,6 +1,7 @@
 """The family × task matrix, served live: each cell is a tiny random model of one family (tests/tiny_families.py)
 exported, gated, rendered, published to the session's live repository, loaded on the one live server, answered
-through its ensemble and compared with PyTorch (the smoke's checks and Reference), then unloaded.
+through its ensemble and compared with the task's reference (the smoke's checks and Reference:
+sentence-transformers for embeddings, the transformers model otherwise), then unloaded.
 
 One serving target per cell keeps the matrix within its CI budget: the native onnxruntime ensemble when its
 backend is built (it loads no python stub for the graph), else the python one. The tokenizer model is python in
@@ -10,6 +11,7 @@ both. `pytest tests/test_matrix.py --matrix-table` prints the README's table fro
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,13 +20,13 @@ import pytest
 
 pytest.importorskip("pytriton", reason="the local launcher needs nvidia-pytriton")
 
+from packager import validate
 from packager.recipe import PAIR_TASKS, model_positions
 from packager.triton.checks import Checks
 from packager.triton.client import PROTOCOLS, connection
 from packager.triton.discovery import Role, load_servable
 from packager.triton.rows import LOAD, CheckStatus, SmokeRow
 from packager.triton.server import unload_models
-from packager import validate
 from tests.live_server import Published, native_backend, publish_recipe
 from tests.tiny_families import FAMILIES, FAMILIES_TABLE, write_tiny
 from tests.tiny_model import tiny_recipe
@@ -59,7 +61,8 @@ class Cell:
     published: Published
     target: str
     rows: tuple[SmokeRow, ...]
-    parity: tuple[validate.ParityRow, ...]  # the ensemble's answers to the task's validation examples against PyTorch
+    parity: tuple[validate.ParityRow, ...]  # the ensemble's answers to the task's examples against the reference
+    configs: dict[str, str]  # model -> its config.pbtxt as served
     seconds: float  # write, build, publish, load, check and unload
 
     @property
@@ -87,9 +90,9 @@ def ensemble_name(published: Published, target: str) -> str:
     return published.named("" if target == "onnxruntime" else "_python")
 
 
-def _serve_cell(server, repository: Path, published: Published, target: str) -> tuple[tuple, tuple]:
+def _serve_cell(server, repository: Path, published: Published, target: str) -> tuple[tuple, tuple, dict]:
     """Load the cell's models, run the smoke's checks on its ensemble and tokenizer over HTTP, compare the
-    ensemble's answers with PyTorch, and unload them."""
+    ensemble's answers with the reference, unload them and take them out of the repository (configs returned)."""
     ensemble = ensemble_name(published, target)
     found, rows = load_servable(server, repository, published.models)
     served = [found[row.model] for row in rows if row.status is CheckStatus.PASS]
@@ -109,7 +112,10 @@ def _serve_cell(server, repository: Path, published: Published, target: str) -> 
                                                    reference.answer(chunk), answer, model.gate)
     finally:
         unload_models(server, [ensemble, *(name for name in published.models if name != ensemble)])
-    return tuple(rows), tuple(parity)
+        configs = {name: (repository / name / "config.pbtxt").read_text() for name in published.models}
+        for name in published.models:  # out of the live repository: live_loaded loads every model it holds
+            shutil.rmtree(repository / name)
+    return tuple(rows), tuple(parity), configs
 
 
 @pytest.fixture(scope="session")
@@ -129,8 +135,9 @@ def matrix_cell(request, tmp_path_factory, live_server, live_repository):
             recipe = tiny_recipe(folder, task=task, name=name, serving={"targets": [target]},
                                  **({"profile": PAIR_PROFILE} if pairs else {}))
             published = publish_recipe(recipe, tmp_path_factory.mktemp("build"), live_repository)
-            rows, parity = _serve_cell(live_server, live_repository, published, target)
-            cells[family, task] = Cell(family, task, published, target, rows, parity, time.monotonic() - started)
+            rows, parity, configs = _serve_cell(live_server, live_repository, published, target)
+            cells[family, task] = Cell(family, task, published, target, rows, parity, configs,
+                                       time.monotonic() - started)
         return cells[family, task]
 
     yield cell
@@ -140,7 +147,7 @@ def matrix_cell(request, tmp_path_factory, live_server, live_repository):
 
 
 @pytest.mark.parametrize("family, task", MATRIX, ids=[f"{f}-{t}" for f, t in MATRIX])
-def test_every_cell_is_served_through_its_ensemble_like_pytorch(matrix_cell, family, task):
+def test_every_cell_is_served_through_its_ensemble_like_its_reference(matrix_cell, family, task):
     cell = matrix_cell(family, task)
     assert not cell.failures, "\n".join(cell.failures)
     checked = {row.check for row in cell.rows if row.model == ensemble_name(cell.published, cell.target)}
@@ -167,30 +174,32 @@ def test_each_tiny_family_loads_with_its_own_tokenizer_class_and_model(family, t
     assert tokenizer.convert_ids_to_tokens(tokenizer("the fox")["input_ids"])[0] == tokenizer.cls_token
 
 
-def test_a_served_cell_is_unloaded_afterwards(matrix_cell, live_server):
-    """Explicit model control keeps the server's memory flat: a cell's models leave once it is checked."""
+def test_a_served_cell_is_unloaded_afterwards(matrix_cell, live_server, live_repository):
+    """Explicit model control keeps the server's memory flat: a cell's models leave the server and the repository
+    once it is checked."""
     import tritonclient.http as httpclient
 
     cell = matrix_cell("bert", "embeddings")
+    assert not any((live_repository / name).exists() for name in cell.published.models)
     client = httpclient.InferenceServerClient(live_server.http_url)
     try:
         deadline = time.monotonic() + 30
-        while ready := [m["name"] for m in client.get_model_repository_index()
-                        if m["name"] in cell.published.models and m.get("state") == "READY"]:
+        while ready := [name for name in cell.published.models if client.is_model_ready(name)]:
             assert time.monotonic() < deadline, f"still loaded: {ready}"
             time.sleep(0.2)
     finally:
         client.close()
 
 
-def test_deberta_v3_without_token_type_ids_is_packaged_and_served(matrix_cell, live_repository):
+def test_deberta_v3_without_token_type_ids_is_packaged_and_served(matrix_cell):
     """Failure 2 of issue 13: the exporter drops the unused token_type_ids; the spec, the tokenizer model's
     outputs and every config leave it out, while the tokenizer still produces it."""
     cell = matrix_cell("deberta-v3", "embeddings")
     assert cell.published.spec.input_names == ["input_ids", "attention_mask"]
     assert "token_type_ids" in cell.published.reference.tokenizer("a text")  # the tokenizer still makes it
-    for model in cell.published.models:
-        assert "token_type_ids" not in (live_repository / model / "config.pbtxt").read_text(), model
+    assert set(cell.configs) == set(cell.published.models)
+    for model, config in cell.configs.items():
+        assert "token_type_ids" not in config, model
     assert not cell.failures, "\n".join(cell.failures)
 
 

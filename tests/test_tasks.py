@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -199,20 +200,20 @@ def test_the_ensemble_takes_the_tasks_texts_and_the_tokenizer_its_truncation(ren
 
 @pytest.fixture(scope="module")
 def live_tasks(folders, tmp_path_factory, live_server, live_repository):
-    """The three tiny task recipes published to the session's repository; unloaded when the module is done."""
+    """The three tiny task recipes published to the session's repository; unloaded and taken out of it when the
+    module is done (live_loaded loads every model the repository holds)."""
     from tests.live_server import publish_recipe
 
     build = tmp_path_factory.mktemp("build-tasks")
     published = {task: publish_recipe(recipe_of(task, folder), build, live_repository)
                  for task, folder in folders.items()}
     yield published
-    import tritonclient.http as httpclient
+    from packager.triton.server import unload_models
 
-    client = httpclient.InferenceServerClient(live_server.http_url)
-    for cell in published.values():
-        for model in cell.models:
-            client.unload_model(model)
-    client.close()
+    names = [model for cell in published.values() for model in cell.models]
+    unload_models(live_server, names)
+    for name in names:
+        shutil.rmtree(live_repository / name)
 
 
 @pytest.mark.parametrize("task", NEW_TASKS)

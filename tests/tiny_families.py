@@ -45,7 +45,7 @@ def _bert_like(tok) -> dict:
 
 
 def _roberta_like(tok) -> dict:
-    # position ids start at padding_idx + 1, so the table has 2 more rows than the usable length
+    # position ids start at padding_idx + 1, so the table has pad_token_id + 1 more rows than the usable length
     return {**_bert_like(tok), "max_position_embeddings": POSITIONS + tok.pad_token_id + 1,
             "bos_token_id": tok.cls_token_id, "eos_token_id": tok.sep_token_id, "type_vocab_size": 1}
 
@@ -127,12 +127,8 @@ def tokenizer_for(family: str):
             tokenizer_object=backend, cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]", unk_token="[UNK]",
             mask_token="[MASK]", model_input_names=["input_ids", "attention_mask"])
     cls = getattr(transformers, spec.tokenizer_class)
-    if spec.tokenizer == "wordpiece":
-        names = dict(zip(("pad_token", "unk_token", "cls_token", "sep_token", "mask_token"), BERT_SPECIALS))
-        if family == "mpnet":
-            names = dict(cls_token="<s>", pad_token="<pad>", sep_token="</s>", unk_token="[UNK]", mask_token="<mask>",
-                         bos_token="<s>", eos_token="</s>")
-        return cls(vocab=model["vocab"], **names)
+    if spec.tokenizer == "wordpiece":  # the class's default special tokens are the family's specials
+        return cls(vocab=model["vocab"])
     if spec.tokenizer == "bpe":
         merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
         return cls(vocab=model["vocab"], merges=merges)
