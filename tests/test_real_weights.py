@@ -20,7 +20,8 @@ def test_mpnet_passes_the_gate_and_equals_sentence_transformers(tmp_path):
     from sentence_transformers import SentenceTransformer
 
     recipe = load_recipe("mpnet").override({"optimize": {"cpu": ["plain"]},
-                                            "profile": {"batch": [1, 2, 4], "sequence": [2, 64, 384]}})
+                                            "profile": {"batch": [1, 2, 4], "sequence": [2, 64, 384]},
+                                            "serving": {"preferred_batch_sizes": [2, 4]}})
     built = pipeline.build(recipe, pipeline.BuildOptions(build_root=tmp_path, trt_backend="none"))
     assert built.record.parity[0].outputs()["sentence_embedding"].metric_value >= 0.9999
     texts = list(validate.VALIDATION_TEXTS)

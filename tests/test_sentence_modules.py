@@ -35,7 +35,7 @@ def write_sentence_folder(folder: Path, pooling: tuple[str, ...] = ("mean",), de
 
     write_tiny_bert(folder, seed=seed)
     if do_lower_case:
-        BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=False).save_pretrained(folder)
+        BertTokenizerFast(vocab=str(folder / "vocab.txt"), do_lower_case=False).save_pretrained(folder)
     modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]
 
     def add(kind: str, config: dict | None) -> Path:
@@ -250,3 +250,12 @@ def test_packaging_a_folder_with_a_module_it_cannot_export_is_one_line_and_write
     assert code != 0
     assert_one_line_error(err, "sentence_transformers.models.WordWeights", "cannot be exported")
     assert not (tmp_path / "repo").exists() and not any((tmp_path / "build").glob("model*"))
+
+
+def test_do_lower_case_lowercases_the_text_before_a_cased_tokenizer(tmp_path, tiny_bert_dir):
+    from transformers import AutoTokenizer
+
+    folder = write_sentence_folder(tmp_path / "model", ("cls",), do_lower_case=True)
+    assert AutoTokenizer.from_pretrained(folder).tokenize("A Man") == ["[UNK]", "[UNK]"]  # its vocab is lower case
+    assert source.load(tiny_recipe(folder, name="lower")).tokenizer.tokenize("A Man") == ["a", "man"]
+    assert "[UNK]" not in AutoTokenizer.from_pretrained(tiny_bert_dir).tokenize("the man is playing guitar")

@@ -32,7 +32,7 @@ def write_tiny_bert(folder: Path, task: str = "embeddings", seed: int = 0) -> Pa
     folder.mkdir(parents=True, exist_ok=True)
     vocab = folder / "vocab.txt"
     vocab.write_text("\n".join(dict.fromkeys(SPECIAL + WORDS + CHARACTERS)) + "\n")
-    BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True).save_pretrained(folder)
+    BertTokenizerFast(vocab=str(vocab), do_lower_case=True).save_pretrained(folder)
     config = BertConfig(
         vocab_size=len(vocab.read_text().split()), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=64, max_position_embeddings=128, num_labels=2 if task == "question-answering" else 3,
