@@ -135,7 +135,8 @@ def _pooling(config_path: Path) -> tuple[str, ...]:
         modes = (mode,) if isinstance(mode, str) else tuple(mode)
     unknown = [m for m in modes if m not in POOLING_MODES]
     if unknown or not modes:
-        raise PackagerError(f"{config_path}: unknown pooling mode {unknown or modes} (known: {', '.join(POOLING_MODES)})")
+        raise PackagerError(f"{config_path}: unknown pooling mode {unknown or modes} "
+                            f"(known: {', '.join(POOLING_MODES)})")
     return modes
 
 
@@ -155,10 +156,12 @@ def _dense(folder: Path) -> DenseLayer:
             raise PackagerError(f"{config_path}: {key} = {config[key]!r}; only a Dense on the sentence embedding "
                                 "can be exported")
     try:
-        return DenseLayer(folder, int(config["in_features"]), int(config["out_features"]), bool(config.get("bias", True)),
-                          ACTIVATIONS[activation], bool(config.get("use_residual", False)))
+        return DenseLayer(folder, int(config["in_features"]), int(config["out_features"]),
+                          bool(config.get("bias", True)), ACTIVATIONS[activation],
+                          bool(config.get("use_residual", False)))
     except (KeyError, TypeError, ValueError) as exc:
-        raise PackagerError(f"{config_path}: in_features and out_features must be integers ({first_line(exc)})") from None
+        raise PackagerError(f"{config_path}: in_features and out_features must be integers "
+                            f"({first_line(exc)})") from None
 
 
 def _with_transformer_settings(modules: SentenceModules, folder: Path) -> SentenceModules:

@@ -137,7 +137,8 @@ def load(recipe: Recipe) -> LoadedModel:
     if modules and modules.do_lower_case:
         lowercase_inputs(tokenizer)
     if modules and modules.from_modules_file and modules.max_seq_length is None and tokenizer.model_max_length < 1e6:
-        modules = dataclasses.replace(modules, max_seq_length=int(tokenizer.model_max_length))  # sentence-transformers 6
+        # sentence-transformers 6 keeps max_seq_length in the tokenizer's model_max_length
+        modules = dataclasses.replace(modules, max_seq_length=int(tokenizer.model_max_length))
     task = get_task(recipe.task)
     transformers.utils.logging.disable_progress_bar()  # the step's own line says what is loading
     try:

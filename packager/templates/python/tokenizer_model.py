@@ -6,7 +6,8 @@ question is never cut).
 
 Each request's texts are truncated at max_sequence_length and padded to the longest of them, at least to
 min_sequence_length, as the Hugging Face tokenizer does, then up to the next of length_buckets when the config
-lists them: requests of similar length get one shape, so a backend that batches equal shapes only can join them. encoding.json (next to this file, written by the packager
+lists them: requests of similar length get one shape, so a backend that batches equal shapes only can join them.
+encoding.json (next to this file, written by the packager
 from that tokenizer) says which library encodes, the tokenizers.Encoding field behind each output, the value each
 output is padded with, and the padding and truncation sides. The tokenizer files are in the version folder:
 nothing is downloaded.
