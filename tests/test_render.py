@@ -385,8 +385,7 @@ def hugging_face_tokens(exported: Exported, texts: list[str]) -> dict[str, np.nd
 
 
 def test_served_ensemble_embeds_text_like_onnx_runtime(served, tiny):
-    texts = ["", "Ok.", "Où est la gare ? Je voudrais un café crème.",
-             "Great job team 🎉🚀 see you tomorrow 👋"]
+    texts = ["", "Ok.", "Où est la gare ?", "Great job team 🎉🚀 see you tomorrow 👋"]  # 2 to 14 tokens
     result = _infer_texts(served, "tiny_python", texts)
     session = validate.onnxruntime_runner(tiny.onnx, tiny.spec)
     longest = max(len(tiny.tokenizer(t)["input_ids"]) for t in texts)
