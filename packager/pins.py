@@ -28,6 +28,7 @@ POLICY = re.compile(r"version_policy:\s*\{\s*specific:\s*\{\s*versions:\s*\[[^\]
 class ConfigWrite:
     model: str
     text: str | None  # None: delete the config (a model the switch removes)
+    phase: int  # 1 steps list both, 2 ensembles switch, 3 steps keep the target's pins
 
 
 def parse(text: str, where: str = "config") -> model_config_pb2.ModelConfig:
@@ -72,12 +73,12 @@ def plan(current: Mapping[str, str | None], targets: Mapping[str, str | None],
     for name in steps:
         target, now = targets[name], current.get(name)
         if target is not None:
-            writes.append(ConfigWrite(name, repin(target, pinned(target) | (pinned(now) if now else set()))))
-    writes += [ConfigWrite(name, targets[name]) for name in ensembles]
+            writes.append(ConfigWrite(name, repin(target, pinned(target) | (pinned(now) if now else set())), 1))
+    writes += [ConfigWrite(name, targets[name], 2) for name in ensembles]
     for name in steps:
         target = targets[name]
         writes.append(ConfigWrite(name, repin(target, pinned(target) | kept.get(name, frozenset()))
-                                  if target is not None else None))
+                                  if target is not None else None, 3))
     latest, needed = dict(current), []
     for write in writes:
         if latest.get(write.model) != write.text:

@@ -104,10 +104,10 @@ def publish(
     existing version is replaced only with `force`.
     """
     root = Path(repo_root).absolute()
-    _check_models(models)
+    check_models(models)
     workspace = _workspace(root)
     with locked(workspace, root):
-        _recover(root, workspace)
+        roll_back_interrupted(root, workspace)
         names = [m.name for m in models]
         chosen = choose_version({name: versions(root / name) for name in names}, version, force, str(root))
         transaction = Path(tempfile.mkdtemp(prefix="txn-", dir=workspace))
@@ -135,13 +135,13 @@ def recover(repo_root: Path | str) -> int:
     if not workspace.is_dir():
         return 0
     with locked(workspace, root):
-        return _recover(root, workspace)
+        return roll_back_interrupted(root, workspace)
 
 
 # ---- staging -------------------------------------------------------------------------------------------------
 
 
-def _check_models(models: Sequence[Publishable]) -> None:
+def check_models(models: Sequence[Publishable]) -> None:
     if not models:
         raise UsageError("nothing to publish")
     names = [check_name(model.name) for model in models]
@@ -344,7 +344,7 @@ def _roll_back(transaction: Path) -> bool:
     return True
 
 
-def _recover(root: Path, workspace: Path) -> int:
+def roll_back_interrupted(root: Path, workspace: Path) -> int:
     """Clear the transactions left in the workspace (their publishers died), rolling back uncommitted moves."""
     rolled_back = 0
     for transaction in sorted(p for p in workspace.iterdir() if p.is_dir() and p.name.startswith("txn-")):

@@ -35,6 +35,7 @@ from packager.errors import PackagerError, UsageError, first_line
 
 S3_SCHEME = "s3://"
 LEASE_S = 120.0  # an S3 lock whose holder stopped renewing it for this long is taken over
+LEASE_VARIABLE = "PACKAGER_S3_LEASE_S"  # overrides LEASE_S
 LOCK_POLL_S = 1.0
 
 
@@ -191,7 +192,7 @@ class Lease:
 class S3Store:
     """s3://bucket/prefix through boto3."""
 
-    def __init__(self, url: str, endpoint: str | None = None, lease_s: float = LEASE_S):
+    def __init__(self, url: str, endpoint: str | None = None):
         bucket, _, prefix = url[len(S3_SCHEME):].partition("/")
         prefix = prefix.strip("/")
         if not bucket or not prefix:
@@ -201,7 +202,7 @@ class S3Store:
         self.bucket, self.prefix = bucket, prefix
         parent, _, name = prefix.rpartition("/")
         self.state_prefix = f"{parent + '/' if parent else ''}.{name}.publish/"
-        self.lease_s = lease_s
+        self.lease_s = float(os.environ.get(LEASE_VARIABLE) or LEASE_S)
         self._endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL")
         self._client = _client(self._endpoint)
 
