@@ -60,6 +60,8 @@ def _release_options(args: argparse.Namespace):
     return pipeline.ReleaseOptions(
         repository=args.repository if is_s3(args.repository) else Path(args.repository),
         s3_endpoint=args.s3_endpoint,
+        switch_wait_s=args.switch_wait,
+        servers=tuple(args.wait_ready),
         version=args.version,
         force=args.force,
         launcher=None if args.no_smoke else args.launcher,
@@ -115,7 +117,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     from packager import fleet
 
     store = _store(args)
-    version = fleet.rollback(store, _recipe(args).name, args.to)
+    version = fleet.rollback(store, _recipe(args).name, args.to, args.switch_wait, args.wait_ready)
     say(f"{store.url}: '{_recipe(args).name}' serves version {version}")
     return 0
 
@@ -234,7 +236,18 @@ def _release_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", help=f"serving targets to publish, comma-separated ({', '.join(TARGETS)}; "
                                          "default: the recipe's)")
     parser.add_argument("--no-smoke", action="store_true", help="publish without the live smoke test")
+    _switch_wait_argument(parser)
     _server_arguments(parser)
+
+
+def _switch_wait_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--switch-wait", type=float, metavar="SECONDS",
+                        help="seconds between the phases of the version switch: at least the fleet's poll interval "
+                             "plus the slowest model load (default: $PACKAGER_SWITCH_WAIT_S, else 10 for s3://, 0 for "
+                             "a folder)")
+    parser.add_argument("--wait-ready", action="append", default=[], metavar="HOST:PORT",
+                        help="a server of the fleet (HTTP); between the phases of an s3:// switch, wait until it "
+                             "reports the phase's versions ready (repeatable)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -303,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
         _repository_arguments(command)
         if name == "rollback":
             command.add_argument("--to", type=int, metavar="N", help="the version to serve")
+            _switch_wait_argument(command)
         if name == "prune":
             command.add_argument("--keep", type=int, required=True, metavar="K", help="versions to keep per model")
         if name == "verify":

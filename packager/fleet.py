@@ -22,6 +22,7 @@ import os
 import re
 import tempfile
 import time
+import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,9 @@ from packager.record import MANIFEST_FILE, Gate, Manifest, Release, parse_json, 
 from packager.storage import LocalStore, Store
 
 JOURNAL_FILE = "journal.json"
-SWITCH_WAIT_VARIABLE = "PACKAGER_SWITCH_WAIT_S"  # a polling fleet's poll interval plus a model's load time
+SWITCH_WAIT_VARIABLE = "PACKAGER_SWITCH_WAIT_S"  # at least a polling fleet's poll interval plus a model's load
+S3_SWITCH_WAIT_S = 10.0
+READY_TIMEOUT_S = 300.0
 UPLOAD_HOOK = "PACKAGER_TEST_UPLOAD_PAUSE"  # tests: "<seconds>" to sleep before each uploaded file
 VERSION_KEY = re.compile(r"([^/]+)/([1-9][0-9]*)/(.+)")
 
@@ -114,23 +117,30 @@ def protected(all_configs: Mapping[str, str]) -> dict[str, frozenset[int]]:
 # ---- the switch --------------------------------------------------------------------------------------------------
 
 
-def switch_wait() -> float:
-    """Seconds between the phases of a switch (PACKAGER_SWITCH_WAIT_S, default 0)."""
+def switch_wait(store: Store) -> float:
+    """Seconds between the phases of a switch: PACKAGER_SWITCH_WAIT_S, else S3_SWITCH_WAIT_S for a bucket (a fleet
+    polls it) and 0 for a local folder (servers in explicit mode load on request)."""
+    value = os.environ.get(SWITCH_WAIT_VARIABLE)
+    if not value:
+        return 0.0 if isinstance(store, LocalStore) else S3_SWITCH_WAIT_S
     try:
-        return float(os.environ.get(SWITCH_WAIT_VARIABLE) or 0)
+        return float(value)
     except ValueError:
-        raise UsageError(f"{SWITCH_WAIT_VARIABLE} must be a number of seconds") from None
+        raise UsageError(f"{SWITCH_WAIT_VARIABLE} must be a number of seconds, got {value!r}") from None
 
 
-def switch(store: Store, targets: Mapping[str, str | None], wait_s: float | None = None) -> int:
-    """Switch the configs of `targets` (pins.plan), waiting `wait_s` between phases so that every server has loaded
-    what one phase made visible before the next relies on it; returns how many configs were written."""
-    wait_s = switch_wait() if wait_s is None else wait_s
+def switch(store: Store, targets: Mapping[str, str | None], wait_s: float | None = None,
+           servers: Sequence[str] = ()) -> int:
+    """Switch the configs of `targets` (pins.plan); between phases, wait until each of `servers` (HTTP host:port)
+    reports every version the last phase pinned ready, then `wait_s` more, so that a fleet has loaded what one phase
+    made visible before the next relies on it. Returns how many configs were written."""
+    wait_s = switch_wait(store) if wait_s is None else wait_s
     current = configs(store)
     others = {name: text for name, text in current.items() if name not in targets}
     writes = pins.plan({name: current.get(name) for name in targets}, targets, pins.kept_by(others))
     for index, write in enumerate(writes):
-        if index and write.phase != writes[index - 1].phase and wait_s:
+        if index and write.phase != writes[index - 1].phase:
+            _wait_ready(servers, [w for w in writes[:index] if w.phase == writes[index - 1].phase])
             time.sleep(wait_s)
         key = f"{write.model}/{CONFIG_FILE}"
         if write.text is None:
@@ -138,6 +148,27 @@ def switch(store: Store, targets: Mapping[str, str | None], wait_s: float | None
         else:
             store.write(key, write.text.encode())
     return len(writes)
+
+
+def _wait_ready(servers: Sequence[str], phase: Sequence[pins.ConfigWrite], timeout_s: float = READY_TIMEOUT_S) -> None:
+    wanted = [(w.model, v) for w in phase if w.text is not None for v in sorted(pins.pinned(w.text))]
+    for server in servers:
+        deadline = time.monotonic() + timeout_s
+        for model, version in wanted:
+            url = f"http://{server.removeprefix('http://')}/v2/models/{model}/versions/{version}/ready"
+            while not _answers_200(url):
+                if time.monotonic() > deadline:
+                    raise PackagerError(f"{server} did not report version {version} of {model} ready within "
+                                        f"{timeout_s:.0f} s: the switch stopped half-way (rerun it, or roll back)")
+                time.sleep(0.25)
+
+
+def _answers_200(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            return answer.status == 200
+    except (OSError, ValueError):
+        return False
 
 
 def remove_version(store: Store, model: str, version: int) -> None:
@@ -179,10 +210,15 @@ def recover(store: Store) -> bool:
 
 
 def publish(store: Store, models: Sequence[repository.Publishable], release: Release,
-            gates: Mapping[str, Gate | None], version: int | None = None, force: bool = False) -> int:
-    """Publish `models` (steps before ensembles) as one new version of each to the store; returns the version."""
+            gates: Mapping[str, Gate | None], version: int | None = None, force: bool = False,
+            switch_wait_s: float | None = None, servers: Sequence[str] = ()) -> int:
+    """Publish `models` (steps before ensembles) as one new version of each to the store; returns the version.
+    `switch_wait_s` passes between the switch's phases (default: switch_wait), after `servers` report the last
+    phase's versions ready (a bucket only)."""
+    wait_s = switch_wait(store) if switch_wait_s is None else switch_wait_s
     if isinstance(store, LocalStore):
-        return repository.publish(store.root, models, release, gates, version=version, force=force).version
+        return repository.publish(store.root, models, release, gates, version=version, force=force,
+                                  switch_wait_s=wait_s).version
     repository.check_models(models)
     names = [model.name for model in models]
     with store.lock():
@@ -203,7 +239,7 @@ def publish(store: Store, models: Sequence[repository.Publishable], release: Rel
                 uploaded = _upload(store, Path(staging), models, chosen, release, gates, targets)
             _verify_upload(store, chosen, uploaded)
             say(f"    uploaded and verified version {chosen} of {len(models)} models; switching the pins")
-            written = switch(store, targets)
+            written = switch(store, targets, wait_s, servers)
         except BaseException:
             recover(store)
             raise
@@ -257,7 +293,8 @@ def serving_version(store: Store, names: Sequence[str]) -> int | None:
     return max(found, default=None)
 
 
-def rollback(store: Store, recipe: str, to: int | None = None) -> int:
+def rollback(store: Store, recipe: str, to: int | None = None, switch_wait_s: float | None = None,
+             servers: Sequence[str] = ()) -> int:
     """Switch the recipe's models back to version `to` (default: the newest complete one below the served one)."""
     with store.lock():
         recover(store)
@@ -282,7 +319,7 @@ def rollback(store: Store, recipe: str, to: int | None = None) -> int:
             targets[name] = config.decode()
         if not targets:
             raise UsageError(f"no model of '{recipe}' has version {to} in {store.url}")
-        written = switch(store, targets)
+        written = switch(store, targets, switch_wait_s, servers)
     say(f"    {written} config writes switched {', '.join(targets)} to version {to}")
     return to
 

@@ -47,6 +47,8 @@ class BuildOptions:
 class ReleaseOptions:
     repository: Path | str = Path("model_repository")  # a folder, or s3://bucket/prefix
     s3_endpoint: str | None = None  # default: AWS_ENDPOINT_URL, else AWS's own
+    switch_wait_s: float | None = None  # between the pin switch's phases (None: fleet.switch_wait)
+    servers: tuple[str, ...] = ()  # servers (HTTP host:port) to see loading each phase of a bucket's switch
     version: int | None = None
     force: bool = False
     launcher: str | None = "local"  # the smoke's server; None skips the smoke
@@ -106,9 +108,11 @@ class StagedRelease:
     def publish(self, root: Path, version: int | None = None, force: bool = False) -> repository.PublishResult:
         return repository.publish(root, self.models, self.release, self.gates, version=version, force=force)
 
-    def publish_to(self, store: storage.Store, version: int | None = None, force: bool = False) -> int:
+    def publish_to(self, store: storage.Store, version: int | None = None, force: bool = False,
+                   switch_wait_s: float | None = None, servers: tuple[str, ...] = ()) -> int:
         """Publish to a local folder or a bucket (fleet.publish); returns the version."""
-        return fleet.publish(store, self.models, self.release, self.gates, version=version, force=force)
+        return fleet.publish(store, self.models, self.release, self.gates, version=version, force=force,
+                             switch_wait_s=switch_wait_s, servers=servers)
 
 
 @dataclass(frozen=True)
@@ -266,7 +270,8 @@ def release(built: BuildFolder, options: ReleaseOptions) -> Released:
     smoked = _smoke(built, staged, loaded, options) if staged_smoke else None
     store = storage.open_store(options.repository, options.s3_endpoint)
     with step(f"publish to {store.url}"):
-        version = staged.publish_to(store, version=options.version, force=options.force)
+        version = staged.publish_to(store, version=options.version, force=options.force,
+                                    switch_wait_s=options.switch_wait_s, servers=options.servers)
     say(f"published version {version} of {', '.join(staged.names)} in {store.url}")
     if options.launcher == "url":
         with tempfile.TemporaryDirectory(prefix="packager-published-") as copy:

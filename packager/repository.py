@@ -33,6 +33,7 @@ import py_compile
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -73,6 +74,7 @@ class Move:
     src: str
     dst: str
     backup: str | None = None
+    phase: int = 0  # of the pin switch (pins.ConfigWrite.phase); 0: a version folder
 
 
 def check_name(name: str, what: str = "model name") -> str:
@@ -96,12 +98,14 @@ def publish(
     gates: Mapping[str, Gate | None],
     version: int | None = None,
     force: bool = False,
+    switch_wait_s: float = 0.0,
 ) -> PublishResult:
     """Add `version` (default: the next free one) of every model to the repository, atomically.
 
     `models` come in dependency order (steps before the ensembles that pin them), as render_repository returns
     them; each version folder gets a manifest of `release` with the model's gate (`gates`, by model name). An
-    existing version is replaced only with `force`.
+    existing version is replaced only with `force`. `switch_wait_s` passes between the phases of the pin switch
+    (what a server polling the repository needs to load one phase before the next).
     """
     root = Path(repo_root).absolute()
     check_models(models)
@@ -117,7 +121,9 @@ def publish(
                 _write_journal(transaction, moves)
             except OSError as exc:  # e.g. a full disk: nothing has moved yet
                 raise PackagerError(f"cannot stage version {chosen} in {workspace}: {exc.strerror or exc}") from None
-            for move in moves:
+            for previous, move in zip([None, *moves], moves):
+                if switch_wait_s and previous and previous.phase and move.phase != previous.phase:
+                    time.sleep(switch_wait_s)  # polling servers load what the last phase made visible
                 _apply(move)
             (transaction / COMMITTED_FILE).touch()
         except BaseException:
@@ -214,13 +220,13 @@ def _stage(root: Path, transaction: Path, models: Sequence[Publishable], version
         target, staged = root / write.model, transaction / "stage" / write.model
         if not target.exists() and not any(move.dst == str(target) for move in configs):
             (staged / CONFIG_FILE).write_text(write.text)  # a new model appears in one rename, config and version
-            configs.append(Move("dir", str(staged), str(target)))
+            configs.append(Move("dir", str(staged), str(target), phase=write.phase))
             continue
         source = transaction / "configs" / f"{index}-{write.model}"
         source.parent.mkdir(parents=True, exist_ok=True)
         source.write_text(write.text)
         backup = transaction / "old-configs" / f"{index}-{write.model}"
-        configs.append(Move("file", str(source), str(target / CONFIG_FILE), str(backup)))
+        configs.append(Move("file", str(source), str(target / CONFIG_FILE), str(backup), write.phase))
     for move in folders + configs:
         if move.backup:
             Path(move.backup).parent.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ import threading
 import time
 import urllib.request
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -46,8 +47,9 @@ def moto():
     port = free_ports(1)[0]
     server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    saved = {key: os.environ.get(key) for key in [*CREDENTIALS, "AWS_ENDPOINT_URL"]}
+    saved = {key: os.environ.get(key) for key in [*CREDENTIALS, "AWS_ENDPOINT_URL", fleet.SWITCH_WAIT_VARIABLE]}
     os.environ.update(CREDENTIALS)
+    os.environ[fleet.SWITCH_WAIT_VARIABLE] = "0"  # no server polls these buckets, but the live test's (it sets its own)
     os.environ.pop("AWS_ENDPOINT_URL", None)
     endpoint = f"http://127.0.0.1:{port}"
     try:
@@ -219,3 +221,167 @@ def test_s3_failures_are_one_line_errors(moto, capsys, monkeypatch, recipe_file)
 
     code, err = run_cli([*status, "--repository", "s3://bucket"], capsys)
     assert code == 2 and "use s3://BUCKET/PREFIX" in err
+
+
+# ---- the fleet's view: a live tritonserver polling the bucket ----------------------------------------------------
+
+POLL = ("--model-control-mode=poll", "--repository-poll-secs=1")
+SWITCH_WAIT_S = "1.5"  # after the server reports a phase loaded: more than a poll interval
+MAX_REQUESTS, LOOP_LIMIT_S, PAUSE_S = 6000, 240.0, 0.03
+
+
+@dataclass(frozen=True)
+class Built:
+    """One tiny release: its recipe file, build folder, rendered models, and PyTorch's answer to TEXT."""
+
+    recipe_file: Path
+    build_root: Path
+    staged: object  # pipeline.StagedRelease
+    answer: np.ndarray
+
+
+@pytest.fixture(scope="module")
+def two_releases(tmp_path_factory, tiny_bert_dir) -> tuple[Built, Built]:
+    """v1: the session's tiny BERT; v2: the same architecture with other random weights (seed 1)."""
+    from packager import pipeline
+    from packager.recipe import load_recipe
+    from packager.triton.reference import Reference
+    from tests.tiny_model import write_tiny_bert
+
+    built = []
+    for seed, folder in ((0, tiny_bert_dir), (1, None)):
+        folder = folder or write_tiny_bert(tmp_path_factory.mktemp("tiny-bert-seed1"), seed=seed)
+        recipe_path = tmp_path_factory.mktemp(f"recipe{seed}") / "tiny.toml"
+        recipe_path.write_text(RECIPE.format(source=folder))
+        recipe = load_recipe(str(recipe_path))
+        build_root = tmp_path_factory.mktemp(f"build{seed}")
+        folder_built = pipeline.build(recipe, pipeline.BuildOptions(build_root=build_root, trt_backend="none"))
+        loaded = folder_built.model()
+        answer = Reference.of(recipe, folder_built.spec, loaded).answer([TEXT])[folder_built.spec.output_names[0]]
+        built.append(Built(recipe_path, build_root, pipeline.stage_release(folder_built, loaded), answer))
+    assert not np.allclose(built[0].answer, built[1].answer, atol=1e-2), "the two releases answer differently"
+    return built[0], built[1]
+
+
+class ClientLoop(threading.Thread):
+    """Requests through the ensemble, one after another, bounded in count and time: each answer is classified as
+    release 0 or 1 (within 1e-4 of PyTorch's answer), or recorded as a failure."""
+
+    def __init__(self, url: str, model: str, text_input: str, output: str, answers: list[np.ndarray]):
+        super().__init__(daemon=True)
+        self.url, self.model, self.text_input, self.output, self.answers = url, model, text_input, output, answers
+        self.seen: list[int] = []
+        self.failures: list[str] = []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        import tritonclient.http as httpclient
+
+        client = httpclient.InferenceServerClient(self.url, connection_timeout=10, network_timeout=10)
+        started = time.monotonic()
+        try:
+            while not self.done.is_set() and len(self.seen) + len(self.failures) < MAX_REQUESTS \
+                    and time.monotonic() - started < LOOP_LIMIT_S:
+                text = httpclient.InferInput(self.text_input, [1, 1], "BYTES")
+                text.set_data_from_numpy(np.array([[TEXT.encode()]], dtype=object))
+                try:
+                    served = client.infer(self.model, [text]).as_numpy(self.output)
+                except Exception as exc:  # noqa: BLE001 every failure is recorded and fails the test
+                    self.failures.append(str(exc).splitlines()[0])
+                    continue
+                matches = [i for i, answer in enumerate(self.answers) if np.allclose(served, answer, atol=1e-4)]
+                if matches:
+                    self.seen.append(matches[0])
+                else:
+                    self.failures.append(f"an answer of neither release (max |Δ| to each: "
+                                         f"{[float(np.abs(served - a).max()) for a in self.answers]})")
+                time.sleep(PAUSE_S)
+        finally:
+            client.close()
+
+    def wait_for(self, release: int, timeout_s: float = 30.0, streak: int = 20) -> None:
+        """Until the last `streak` answers all came from `release`."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if len(self.seen) >= streak and set(self.seen[-streak:]) == {release}:
+                return
+            assert self.is_alive(), f"the client loop ended early ({len(self.seen)} answers, {len(self.failures)} " \
+                                    "failures)"
+            time.sleep(0.2)
+        raise AssertionError(f"release {release} not served within {timeout_s} s; last: {self.seen[-streak:]}")
+
+
+def packager_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "packager", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})},
+                            cwd=Path(__file__).parent.parent)
+
+
+def test_a_polling_fleet_never_fails_a_request_while_versions_switch(moto, two_releases, monkeypatch):
+    """A tritonserver polling the bucket every second serves the ensemble to a client loop while v2 is published,
+    the fleet is rolled back to v1 (CLI), and a publisher of v2 is SIGKILLed mid-upload, then the next publish
+    cleans up and goes through: zero failed requests, every answer exactly v1's or v2's."""
+    pytest.importorskip("pytriton", reason="the local launcher needs nvidia-pytriton")
+    from packager.recipe import load_recipe
+    from packager.triton.server import serve
+
+    first, second = two_releases
+    bucket = new_bucket(moto)
+    store = storage.S3Store(f"s3://{bucket}/fleet/repo", moto)
+    monkeypatch.setenv(fleet.SWITCH_WAIT_VARIABLE, SWITCH_WAIT_S)
+    monkeypatch.setenv(storage.LEASE_VARIABLE, "3")
+    where = ["--repository", store.url, "--s3-endpoint", moto]
+    assert first.staged.publish_to(store) == 1
+    ensemble = "tiny_python"
+    spec = first.staged.release.iospec
+    with serve("local", f"s3://{moto.removeprefix('http://')}/{bucket}/fleet/repo", ready_timeout_s=60,
+               server_args=POLL) as server:
+        loop = ClientLoop(server.http_url, ensemble, load_recipe(str(first.recipe_file)).serving.text_input,
+                          spec.output_names[0], [first.answer, second.answer])
+        _wait_ready(server.http_url, ensemble)
+        loop.start()
+        try:
+            loop.wait_for(0)
+            assert second.staged.publish_to(store, servers=(server.http_url,)) == 2
+            loop.wait_for(1)
+
+            rolled = packager_cli("rollback", str(first.recipe_file), *where, "--wait-ready", server.http_url)
+            assert rolled.wait(60) == 0, rolled.stdout.read()
+            loop.wait_for(0)
+
+            killed = packager_cli("publish", str(second.recipe_file), "--build-dir", str(second.build_root),
+                                  "--no-smoke", *where, env={fleet.UPLOAD_HOOK: "0.3"})
+            deadline = time.monotonic() + 60
+            while len(store.sizes("tiny_onnx_python/3/")) < 2:  # its model.py and one more file are up
+                assert time.monotonic() < deadline and killed.poll() is None, killed.stdout.read()
+                time.sleep(0.05)
+            killed.send_signal(signal.SIGKILL)
+            killed.wait()
+            killed.stdout.close()
+            assert store.read_state(fleet.JOURNAL_FILE) is not None, "killed mid-upload, its journal left behind"
+            time.sleep(3)  # three polls see the half-uploaded, unpinned version 3
+            assert set(loop.seen[-20:]) == {0}, "the fleet still serves v1"
+
+            assert second.staged.publish_to(store, servers=(server.http_url,)) == 3, "the next publish rolled the killed one back, then went"
+            loop.wait_for(1)
+        finally:
+            loop.done.set()
+            loop.join()
+    assert loop.failures == [], f"{len(loop.failures)} failed requests, e.g. {loop.failures[:3]}"
+    assert 100 <= len(loop.seen) <= MAX_REQUESTS and set(loop.seen) == {0, 1}
+    switches = sum(1 for a, b in zip(loop.seen, loop.seen[1:]) if a != b)
+    assert switches == 3, f"v1 -> v2 -> v1 -> v2 without flapping, saw {switches} switches"
+    assert fleet.verify(store, "tiny")[1] == []
+
+
+def _wait_ready(url: str, model: str, timeout_s: float = 60.0) -> None:
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(url)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not client.is_model_ready(model):
+            assert time.monotonic() < deadline, f"{model} did not become ready in poll mode"
+            time.sleep(0.2)
+    finally:
+        client.close()
