@@ -288,16 +288,16 @@ class S3Store:
         """Hold the lock object (created only where none exists), renewing its lease until released."""
         key = self.state_prefix + "lock"
         owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        etag = self._acquire(key, owner)
+        held = {"etag": self._acquire(key, owner)}
         stop = threading.Event()
-        renewer = threading.Thread(target=self._renew, args=(key, owner, etag, stop), daemon=True)
+        renewer = threading.Thread(target=self._renew, args=(key, owner, held, stop), daemon=True)
         renewer.start()
         try:
             yield
         finally:
             stop.set()
             renewer.join()
-            self._call("delete_object", Key=key)
+            self._release(key, held["etag"])
 
     def _acquire(self, key: str, owner: str) -> str:
         from botocore.exceptions import ClientError
@@ -336,14 +336,27 @@ class S3Store:
             return None  # released meanwhile
         return Lease.decode(answer["Body"].read()), answer["ETag"]
 
-    def _renew(self, key: str, owner: str, etag: str, stop: threading.Event) -> None:
+    def _renew(self, key: str, owner: str, held: dict[str, str], stop: threading.Event) -> None:
         while not stop.wait(self.lease_s / 4):
             try:
-                answer = self._client.put_object(Bucket=self.bucket, Key=key, IfMatch=etag,
+                answer = self._client.put_object(Bucket=self.bucket, Key=key, IfMatch=held["etag"],
                                                  Body=Lease(owner, time.time() + self.lease_s).encode())
-                etag = answer["ETag"]
+                held["etag"] = answer["ETag"]
             except Exception:  # noqa: BLE001 the next renewal tries again; a lost lock shows in the next publish
                 pass
+
+    def _release(self, key: str, etag: str) -> None:
+        """Delete the lock object only while it is still ours (If-Match: the ETag of our last write)."""
+        from botocore.exceptions import ClientError
+
+        try:
+            self._client.delete_object(Bucket=self.bucket, Key=key, IfMatch=etag)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "PreconditionFailed":
+                raise s3_error(exc, self.url, self._endpoint) from None
+            say(f"    the lock of {self.url} was taken over while this publish held it (its lease ran out)")
+        except Exception as exc:
+            raise s3_error(exc, self.url, self._endpoint) from None
 
 
 def _client(endpoint: str | None):
