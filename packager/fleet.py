@@ -9,8 +9,9 @@ Publishing version N+1 to a bucket, under the store's lock:
      leave a server LOADING forever), its manifest last;
   4. verify the upload: the listed objects of each folder are exactly the staged files, with their sizes;
   5. switch the pins (pins.plan): steps list [N, N+1], ensembles pin N+1, steps drop N; each config one PUT;
+     between phases, wait until the servers named report the phase's versions ready, then the switch wait;
   6. delete the journal.
-A publisher killed anywhere leaves every config pinning either N or (after 5) N+1 with every step loaded; the next
+A publisher killed anywhere leaves every config pinning N or, during 5, a consistent mix of N and N+1; the next
 publish, rollback or prune rolls the journal back: the same switch backwards, then the N+1 objects are deleted.
 A local repository publishes through repository.publish (its folders appear in one rename), in the same order.
 """
@@ -73,9 +74,10 @@ class VersionFacts:
 # ---- reading the store -------------------------------------------------------------------------------------------
 
 
-def versions(store: Store, model: str, listing: Mapping[str, int] | None = None) -> list[int]:
-    listing = store.sizes(f"{model}/") if listing is None else listing
-    return sorted({int(m.group(2)) for key in listing if (m := VERSION_KEY.fullmatch(key)) and m.group(1) == model})
+def versions(store: Store, model: str) -> list[int]:
+    """The version folders of a model (folders exist in a bucket only as the keys under them)."""
+    return sorted({int(m.group(2)) for key in store.sizes(f"{model}/")
+                   if (m := VERSION_KEY.fullmatch(key)) and m.group(1) == model})
 
 
 def configs(store: Store) -> dict[str, str]:

@@ -272,7 +272,8 @@ def write_version(folder: Path, model: Publishable, manifest: Manifest, config: 
     """A complete version folder: the model's files, their byte-compiled modules, the config it is published with,
     and the manifest listing every file's SHA-256 (returned)."""
     folder.mkdir(parents=True)
-    digests = {relative: stored.write(folder / relative, source, model.name) for relative, source in model.files.items()}
+    digests = {relative: stored.write(folder / relative, source, model.name)
+               for relative, source in model.files.items()}
     digests[CONFIG_FILE] = stored.write(folder / CONFIG_FILE, config.encode(), model.name)
     for relative in [r for r in model.files if _backend_module(r)]:
         compiled = _byte_compile(folder, relative, model.name)

@@ -14,7 +14,6 @@ lease while it works, and a lock whose lease ran out (its holder died) is taken 
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -308,7 +307,8 @@ class S3Store:
                 body = Lease(owner, time.time() + self.lease_s).encode()
                 return self._client.put_object(Bucket=self.bucket, Key=key, Body=body, IfNoneMatch="*")["ETag"]
             except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") not in ("PreconditionFailed", "ConditionalRequestConflict"):
+                code = exc.response.get("Error", {}).get("Code")
+                if code not in ("PreconditionFailed", "ConditionalRequestConflict"):
                     raise s3_error(exc, self.url, self._endpoint) from None
             except Exception as exc:
                 raise s3_error(exc, self.url, self._endpoint) from None

@@ -362,7 +362,8 @@ def test_a_polling_fleet_never_fails_a_request_while_versions_switch(moto, two_r
             time.sleep(3)  # three polls see the half-uploaded, unpinned version 3
             assert set(loop.seen[-20:]) == {0}, "the fleet still serves v1"
 
-            assert second.staged.publish_to(store, servers=(server.http_url,)) == 3, "the next publish rolled the killed one back, then went"
+            assert second.staged.publish_to(store, servers=(server.http_url,)) == 3, \
+                "the next publish rolled the killed one back, then went through"
             loop.wait_for(1)
         finally:
             loop.done.set()

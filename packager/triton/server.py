@@ -175,7 +175,8 @@ def serve(
     """Start a server on `repository`, wait until it is ready, yield it, and always stop it.
 
     `repository` is a folder, or s3://HOST:PORT/BUCKET/PREFIX for a local server reading a bucket.
-    `options` go to the launcher: local `log_path`, `server_args`; docker `image`, `gpus`, `log_path`; url `url`, `grpc_url`.
+    `options` go to the launcher: local `log_path`, `server_args`; docker `image`, `gpus`, `log_path`; url `url`,
+    `grpc_url`.
     Without `log_path` the log lives in a temporary folder removed when the server stops.
     """
     launcher_class = _launcher_class(launcher_name)
