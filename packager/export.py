@@ -39,9 +39,13 @@ def expected_axes(input_names: list[str], task: Task) -> dict[str, dict[int, str
 
 
 def export_onnx(loaded: LoadedModel, task: Task, path: Path, opset: int) -> Exported:
-    """Export the task wrapper of `loaded` to `path` and return it with its checked IO spec."""
+    """Export the task wrapper of `loaded` to `path` and return it with its checked IO spec.
+
+    The tokenizer's inputs are offered; one the exporter drops as unused (DeBERTa-v2/v3's token_type_ids when
+    type_vocab_size is 0) is left out of the spec, and the returned wrapper takes the graph's inputs only.
+    """
     input_names = list(loaded.tokenizer.model_input_names)
-    wrapper = task.wrapper(loaded.model, input_names).eval()
+    wrapper = task.wrapper(loaded, input_names).eval()
     example = loaded.tokenizer(EXAMPLE_TEXTS, padding=True, return_tensors="pt")
     args = tuple(example[name] for name in input_names)
     axes = expected_axes(input_names, task)
@@ -62,6 +66,12 @@ def export_onnx(loaded: LoadedModel, task: Task, path: Path, opset: int) -> Expo
             )
     except Exception as exc:
         raise PackagerError(f"ONNX export failed at opset {opset}: {first_line(exc)}") from None
+    kept = graph_input_names(path)
+    if kept != input_names:  # the exporter dropped inputs the graph does not use: the graph's inputs are the spec
+        input_names = [name for name in input_names if name in kept]
+        wrapper = task.wrapper(loaded, input_names).eval()
+        args = tuple(example[name] for name in input_names)
+        axes = expected_axes(input_names, task)
     with torch.no_grad():
         traced = wrapper(*args)
     pin_static_dims(path, {out.name: tuple(t.shape) for out, t in zip(task.outputs, traced)}, axes)
@@ -71,6 +81,13 @@ def export_onnx(loaded: LoadedModel, task: Task, path: Path, opset: int) -> Expo
         raise PackagerError(f"exported graph fails onnx.checker: {first_line(exc)}") from None
     spec = iospec.from_onnx(path, axes)
     return Exported(path=path, spec=spec, opset=opset, wrapper=wrapper)
+
+
+def graph_input_names(path: Path) -> list[str]:
+    """The exported graph's inputs, in order (initializers left out)."""
+    model = onnx.load(str(path), load_external_data=False)
+    initializers = {init.name for init in model.graph.initializer}
+    return [value.name for value in model.graph.input if value.name not in initializers]
 
 
 def pin_static_dims(path: Path, shapes: dict[str, tuple[int, ...]], axes: dict[str, dict[int, str]]) -> None:

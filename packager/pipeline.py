@@ -140,6 +140,8 @@ def build(recipe: Recipe, options: BuildOptions, loaded: source.LoadedModel | No
     try:
         with step(f"load {recipe.name} ({recipe.source.describe()})"):
             loaded = loaded or source.load(recipe)
+            if loaded.modules:
+                say(f"    sentence embedding: {loaded.modules.describe()}")
             if loaded.max_seq_length and loaded.max_seq_length != recipe.profile.sequence.max:
                 say(f"    warning: sentence-transformers truncates at {loaded.max_seq_length} tokens, the profile at "
                     f"{recipe.profile.sequence.max}: long texts will embed differently")
@@ -148,7 +150,7 @@ def build(recipe: Recipe, options: BuildOptions, loaded: source.LoadedModel | No
             exported.spec.write(staging / SPEC_FILE)
         with step("validate the export against PyTorch on real text"):
             batches = validate.make_batches(loaded.tokenizer, exported.spec, recipe.profile)
-            reference = validate.torch_runner(exported.wrapper, exported.spec)
+            reference = task.reference(loaded, exported.spec)
             invariance = validate.invariance_layouts(loaded.tokenizer, exported.spec, recipe.profile)
             validator = validate.Validator(task, exported.spec, batches, reference, recipe.gates.fp32, invariance)
             exported_report = validate.require_parity(
@@ -255,7 +257,7 @@ def stage_release(built: BuildFolder, loaded: source.LoadedModel) -> StagedRelea
     recipe = built.recipe
     with step("render Triton configs (checked with Triton's ModelConfig schema)"):
         models = render.render_repository(recipe, built.spec, render.Artifacts(
-            built.shipped_path, loaded.tokenizer, built.plan()))
+            built.shipped_path, loaded.tokenizer, built.plan(), loaded.modules.prompts if loaded.modules else {}))
         say("    " + ", ".join(model.name for model in models))
     gates = {"onnx": built.record.shipped_gate, "plan": built.record.tensorrt.gate}
     return StagedRelease(models, Release.of(recipe.to_data(), recipe.source.describe(), built.spec, built.record),

@@ -11,6 +11,7 @@ import dataclasses
 import itertools
 import json
 import math
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -295,6 +296,51 @@ class TensorRT:
 
 
 @dataclass(frozen=True)
+class Deploy:
+    """The [deploy] section: what each Triton server of a Kubernetes fleet gets (packager.manifests renders it).
+
+    The defaults fit the embedded MiniLM on CPU: its five models served idle in 1.1 GiB (server and python stubs,
+    scripts/fleet_check.py), so 2 GiB leaves room for batches.
+    """
+
+    replicas: int = 2  # Deployment replicas; the InferenceService's minReplicas
+    max_replicas: int = 4  # the InferenceService's autoscaling ceiling
+    cpu: float = 2.0  # cores requested and limited, in steps of 0.001 (rendered as millicores when fractional)
+    memory_mib: int = 2048  # memory requested and limited
+    shm_mib: int = 1024  # /dev/shm (a memory-backed emptyDir): the python backend passes tensors through it
+    gpus: int = 0  # nvidia.com/gpu per server
+    model_control: Literal["poll", "explicit"] = "poll"  # poll: new pins load by themselves; explicit: all at start
+    poll_seconds: int = 15  # --repository-poll-secs in poll mode (each poll lists the repository)
+    credentials_secret: str = "triton-model-repository"  # Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY
+    image: str = ""  # empty: nvcr.io/nvidia/tritonserver:<triton_release>-py3
+
+    def __post_init__(self):
+        _check(1 <= self.replicas <= self.max_replicas <= 1000,
+               f"must satisfy 1 <= replicas <= max_replicas <= 1000; got {self.replicas}, {self.max_replicas}")
+        _check(0.001 <= self.cpu <= 512 and abs(self.cpu * 1000 - round(self.cpu * 1000)) < 1e-6,
+               f"cpu must be 0.001..512 cores in steps of 0.001; got {self.cpu}")
+        _check(256 <= self.memory_mib <= 4 << 20, f"memory_mib must be 256..{4 << 20}; got {self.memory_mib}")
+        _check(64 <= self.shm_mib < self.memory_mib,
+               f"shm_mib must be at least 64 and below memory_mib ({self.memory_mib}); got {self.shm_mib}")
+        _check(0 <= self.gpus <= 16, f"gpus must be 0..16; got {self.gpus}")
+        _check(1 <= self.poll_seconds <= 3600, f"poll_seconds must be 1..3600; got {self.poll_seconds}")
+        _check(_DNS_NAME.fullmatch(self.credentials_secret) is not None,
+               f"credentials_secret must be a Kubernetes name (lowercase letters, digits, '-'); "
+               f"got {self.credentials_secret!r}")
+        _check(self.image == self.image.strip() and " " not in self.image, f"image must be an image reference; "
+                                                                           f"got {self.image!r}")
+
+    @property
+    def cpu_quantity(self) -> str:
+        """`cpu` as a Kubernetes quantity: "2" or "1500m"."""
+        millicores = round(self.cpu * 1000)
+        return str(millicores // 1000) if millicores % 1000 == 0 else f"{millicores}m"
+
+
+_DNS_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str
     task: Literal["embeddings", "sequence-classification"]
@@ -306,6 +352,7 @@ class Recipe:
     serving: Serving = Serving()
     optimize: Optimize = Optimize()
     tensorrt: TensorRT = TensorRT()
+    deploy: Deploy = Deploy()
 
     @property
     def opset(self) -> int:
@@ -410,17 +457,58 @@ def local_folder_data(folder: Path) -> dict:
     }
 
 
+# Families whose position ids start after the padding index (transformers' create_position_ids_from_input_ids):
+# their table of max_position_embeddings rows serves pad_token_id + 1 fewer tokens (RoBERTa: 514 rows, 512 tokens).
+PADDING_OFFSET_FAMILIES = frozenset({
+    "roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "roberta-prelayernorm", "data2vec-text", "ibert",
+    "longformer", "luke", "mpnet", "xmod",
+})
+
+
+@dataclass(frozen=True)
+class Positions:
+    """The longest sequence a model's position table serves, and why."""
+
+    usable: int
+    table: int  # max_position_embeddings
+    offset: int  # rows before the first position (pad_token_id + 1 for PADDING_OFFSET_FAMILIES, else 0)
+    model_type: str
+
+    def describe(self) -> str:
+        if not self.offset:
+            return f"{self.usable} positions"
+        return (f"{self.usable} positions ({self.model_type}: max_position_embeddings {self.table} less its "
+                f"position offset {self.offset})")
+
+
+def model_positions(config: dict) -> Positions | None:
+    """The usable positions of a model from its config (config.json's data); None when it names no table."""
+    table = config.get("max_position_embeddings")
+    if not isinstance(table, int) or isinstance(table, bool) or table <= 0:
+        return None
+    model_type = str(config.get("model_type", ""))
+    offset = 0
+    if model_type in PADDING_OFFSET_FAMILIES:
+        pad = config.get("pad_token_id")
+        offset = (pad if isinstance(pad, int) else 1) + 1
+    return Positions(table - offset, table, offset, model_type)
+
+
 def _sequence_limits(folder: Path) -> list[int]:
-    """The longest sequences the folder's model takes: its position embeddings, and sentence-transformers' length."""
+    """The longest sequences the folder's model takes: its usable positions, and sentence-transformers' length."""
     limits = []
-    for file, key in (("config.json", "max_position_embeddings"), ("sentence_bert_config.json", "max_seq_length")):
+    for file in ("config.json", "sentence_bert_config.json"):
         path = folder / file
         if not path.exists():
             continue
         try:
-            value = json.loads(path.read_text()).get(key)
+            data = json.loads(path.read_text())
         except (ValueError, UnicodeDecodeError):
             raise UsageError(f"{path} is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise UsageError(f"{path} is not a JSON object")
+        positions = model_positions(data) if file == "config.json" else None
+        value = positions.usable if positions else data.get("max_seq_length")
         if isinstance(value, int) and value > 0:
             limits.append(value)
     return limits

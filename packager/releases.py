@@ -31,3 +31,8 @@ TRITON_RELEASES: dict[str, TritonRelease] = {
 # Older driver branches the same notes (24.10, 24.12, 25.03) allow on data-center GPUs only, through CUDA's forward
 # compatibility package: branch -> its first release that works.
 DATACENTER_DRIVERS: dict[int, str] = {470: "470.57", 525: "525.85", 535: "535.86", 545: "545.23"}
+
+
+def tritonserver_image(release: str) -> str:
+    """NVIDIA's Triton server image of a release (all backends, python included)."""
+    return f"nvcr.io/nvidia/tritonserver:{release}-py3"

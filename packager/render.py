@@ -11,11 +11,11 @@ import dataclasses
 import json
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jinja2
-from google.protobuf import text_encoding, text_format
+from google.protobuf import text_format
 from transformers import PreTrainedTokenizerBase
 from tritonclient.grpc import model_config_pb2
 
@@ -24,10 +24,9 @@ from packager.iospec import BATCH, SEQUENCE, IOSpec, TensorSpec
 from packager.recipe import TARGETS as TARGET_NAMES
 from packager.recipe import Profile, Recipe, Serving
 from packager.record import ProfileShapes
+from packager.templating import TEMPLATE_DIR, environment
 
-# Package data (pyproject.toml ships templates/*.j2 and templates/python/*.py in the wheel), read as real files:
-# Jinja loads the templates from this folder and publish copies the python models' model.py from it.
-TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
+# Read as real files: Jinja loads the templates from TEMPLATE_DIR and publish copies the python models' model.py.
 PYTHON_MODELS = TEMPLATE_DIR / "python"
 TOKENIZER_FOLDER = "tokenizer"  # inside the tokenizer model's version folder
 FAST_TOKENIZER_FILE = "tokenizer.json"  # what `tokenizers` loads; absent for slow tokenizers
@@ -68,6 +67,7 @@ class Artifacts:
     onnx: Path
     tokenizer: PreTrainedTokenizerBase
     tensorrt: TensorRTPlan | None = None
+    prompts: Mapping[str, str] = field(default_factory=dict)  # sentence-transformers prompts, by name
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ def render_repository(recipe: Recipe, spec: IOSpec, artifacts: Artifacts) -> lis
 def render_config(template: str, context: Mapping[str, object]) -> str:
     """Render one template and parse the result with Triton's ModelConfig schema; one-line errors name the template."""
     try:
-        text = _environment().get_template(template).render(**context)
+        text = environment().get_template(template).render(**context)
     except jinja2.TemplateError as exc:
         raise PackagerError(f"template {template}: {first_line(exc)}") from None
     try:
@@ -143,19 +143,6 @@ def render_config(template: str, context: Mapping[str, object]) -> str:
         raise PackagerError(f"template {template} renders a config Triton's schema rejects: {first_line(exc)}") \
             from None
     return text
-
-
-def _environment() -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(TEMPLATE_DIR),
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-        autoescape=False,
-    )
-    env.filters["pbstr"] = lambda value: '"' + text_encoding.CEscape(str(value), as_utf8=True) + '"'
-    return env
 
 
 # ---- model contexts -------------------------------------------------------------------------------------------
@@ -208,10 +195,11 @@ def _tokenizer_model(name: str, inputs: _Inputs) -> RenderedModel:
         "parameters": {
             "max_sequence_length": str(sequence.max),
             "min_sequence_length": str(sequence.min),
-
             "tokenizer_folder": TOKENIZER_FOLDER,
         },
     }
+    if inputs.artifacts.prompts:  # a request's prompt_name parameter picks one
+        context["parameters"]["prompts"] = json.dumps(dict(inputs.artifacts.prompts), sort_keys=True)
     buckets = inputs.serving.buckets(inputs.recipe.profile)
     if buckets:  # pad each request up to one of these lengths ([serving] pad_to = "buckets")
         context["parameters"]["length_buckets"] = ",".join(map(str, buckets))

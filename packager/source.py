@@ -7,6 +7,7 @@ unpickled) are refused unless the recipe opts in with [source] allow_pickled_wei
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -18,8 +19,10 @@ import torch
 import transformers
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from packager import sentence_modules
 from packager.errors import PackagerError, UsageError, first_line
-from packager.recipe import Recipe, Source
+from packager.recipe import Recipe, Source, model_positions
+from packager.sentence_modules import SentenceModules
 from packager.tasks import get_task
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model", "vocab.json")
@@ -33,7 +36,13 @@ class LoadedModel:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     weights_sha256: str
-    max_seq_length: int | None  # the truncation length sentence-transformers uses, when the folder says
+    modules: SentenceModules | None = None  # the embeddings task: the folder's sentence-transformers modules
+    allow_pickled_weights: bool = False
+
+    @property
+    def max_seq_length(self) -> int | None:
+        """The truncation length sentence-transformers uses, when the folder says."""
+        return self.modules.max_seq_length if self.modules else None
 
 
 def resolve_folder(source: Source) -> Path:
@@ -57,12 +66,13 @@ def resolve_folder(source: Source) -> Path:
         raise PackagerError(f"cannot fetch hub model '{source.hub}' (HF_HUB_OFFLINE={offline}): {exc}") from None
 
 
-def weights_digest(folder: Path) -> str:
+def weights_digest(folder: Path, extra: list[Path] = ()) -> str:
+    """SHA-256 over the model's weight files, then `extra` files (e.g. Dense modules' weights), in order."""
     weights = sorted(p for name in WEIGHT_FILES for p in folder.glob(name.replace(".", "*.", 1)))
     if not weights:
         raise PackagerError(f"{folder} has no weights ({' or '.join(WEIGHT_FILES)})")
     digest = hashlib.sha256()
-    for path in weights:
+    for path in [*weights, *extra]:
         with path.open("rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(chunk)
@@ -101,30 +111,53 @@ def _json_object(path: Path) -> dict:
 
 
 def load(recipe: Recipe) -> LoadedModel:
-    """Load tokenizer and model (eval mode, eager attention so the exported graph fuses)."""
+    """Load tokenizer and model (eval mode, eager attention so the exported graph fuses); for embeddings, the
+    folder's sentence-transformers modules too (the model and tokenizer may be in their Transformer's subfolder)."""
     folder = resolve_folder(recipe.source)
-    if not any((folder / name).exists() for name in TOKENIZER_FILES):
-        raise PackagerError(f"{folder} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)})")
     check_runs_no_code(folder, recipe.source.allow_pickled_weights)
-    digest = weights_digest(folder)
+    modules = sentence_modules.read(folder) if recipe.task == "embeddings" else None
+    model_folder = modules.transformer_folder if modules else folder
+    if model_folder != folder:
+        check_runs_no_code(model_folder, recipe.source.allow_pickled_weights)
+    if not any((model_folder / name).exists() for name in TOKENIZER_FILES):
+        raise PackagerError(f"{model_folder} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)})")
+    dense_files = sorted(p for layer in (modules.dense if modules else ()) for p in layer.folder.glob("*")
+                         if p.name in ("model.safetensors", "pytorch_model.bin"))
+    digest = weights_digest(model_folder, dense_files)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(model_folder, trust_remote_code=False, local_files_only=True)
     except Exception as exc:
-        raise PackagerError(f"cannot load the tokenizer from {folder}: {first_line(exc)}") from None
+        raise PackagerError(f"cannot load the tokenizer from {model_folder}: {first_line(exc)}") from None
+    if modules and modules.do_lower_case:
+        lowercase_inputs(tokenizer)
+    if modules and modules.from_modules_file and modules.max_seq_length is None and tokenizer.model_max_length < 1e6:
+        modules = dataclasses.replace(modules, max_seq_length=int(tokenizer.model_max_length))  # sentence-transformers 6
     task = get_task(recipe.task)
     transformers.utils.logging.disable_progress_bar()  # the step's own line says what is loading
     try:
         model = task.auto_class.from_pretrained(
-            folder, attn_implementation="eager", dtype=torch.float32, trust_remote_code=False, local_files_only=True,
-            use_safetensors=None if recipe.source.allow_pickled_weights else True,
+            model_folder, attn_implementation="eager", dtype=torch.float32, trust_remote_code=False,
+            local_files_only=True, use_safetensors=None if recipe.source.allow_pickled_weights else True,
         )
     except Exception as exc:
-        raise PackagerError(f"cannot load weights from {folder}: {first_line(exc)}") from None
+        raise PackagerError(f"cannot load weights from {model_folder}: {first_line(exc)}") from None
     model.eval()
-    positions = getattr(model.config, "max_position_embeddings", None)
-    if positions and recipe.profile.sequence.max > positions:
-        raise UsageError(f"profile sequence max {recipe.profile.sequence.max} exceeds the {positions} positions of "
-                         f"the model in {folder}: lower it (--sequence)")
-    sbert = _json_object(folder / "sentence_bert_config.json")
-    max_seq_length = sbert.get("max_seq_length") if isinstance(sbert.get("max_seq_length"), int) else None
-    return LoadedModel(folder, model, tokenizer, digest, max_seq_length)
+    positions = model_positions(model.config.to_dict())
+    if positions and recipe.profile.sequence.max > positions.usable:
+        raise UsageError(f"profile sequence max {recipe.profile.sequence.max} exceeds the {positions.describe()} of "
+                         f"the model in {model_folder}: lower it (--sequence)")
+    return LoadedModel(folder, model, tokenizer, digest, modules, recipe.source.allow_pickled_weights)
+
+
+def lowercase_inputs(tokenizer: PreTrainedTokenizerBase) -> None:
+    """sentence_bert_config.json's do_lower_case, as sentence-transformers applies it: a Lowercase normalizer first
+    in the fast tokenizer, which the served tokenizer (saved from this one) then carries too."""
+    from tokenizers.normalizers import Lowercase, Sequence
+
+    if not tokenizer.is_fast:
+        raise PackagerError("do_lower_case = true in sentence_bert_config.json needs a fast tokenizer (tokenizer.json)")
+    backend = tokenizer.backend_tokenizer
+    current = backend.normalizer
+    if current is not None and "Lowercase" in repr(current):
+        return
+    backend.normalizer = Sequence([Lowercase()] + ([current] if current is not None else []))

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedTokenizerBase
 
-    from packager.tasks import Task
+    from packager.tasks import BatchReference, Task
 
 # Short, long (needs truncation at 256 tokens), non-ASCII, emoji, empty: the gate's fixed text set.
 VALIDATION_TEXTS: tuple[str, ...] = (
@@ -294,12 +294,13 @@ def invariance_layouts(tokenizer: "PreTrainedTokenizerBase", spec: IOSpec, profi
 
 
 class Validator:
-    """Holds the validation batches and PyTorch's answers, computed once, to check any number of candidates."""
+    """Holds the validation batches and the reference's answers (the task's independent reference: see
+    packager.tasks), computed once, to check any number of candidates."""
 
-    def __init__(self, task: "Task", spec: IOSpec, batches: list[ValidationBatch], reference: Runner,
+    def __init__(self, task: "Task", spec: IOSpec, batches: list[ValidationBatch], reference: "BatchReference",
                  tolerances: Tolerances, invariance: tuple[list[ValidationBatch], list[BatchLayout]] | None = None):
         self.task, self.spec, self.batches, self.tolerances = task, spec, batches, tolerances
-        self.references = [reference(batch.inputs) for batch in batches]
+        self.references = [reference(batch) for batch in batches]
         self.alone, self.layouts = invariance or ([], [])
 
     def check(self, variant: str, candidate: Runner, tolerances: Tolerances | None = None) -> ParityReport:

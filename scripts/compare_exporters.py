@@ -25,7 +25,7 @@ def main() -> None:
     loaded = source.load(recipe)
     task = get_task(recipe.task)
     names = list(loaded.tokenizer.model_input_names)
-    wrapper = task.wrapper(loaded.model, names).eval()
+    wrapper = task.wrapper(loaded, names).eval()
     example = loaded.tokenizer(export.EXAMPLE_TEXTS, padding=True, return_tensors="pt")
     args = tuple(example[name] for name in names)
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")

@@ -95,18 +95,21 @@ def prepare(recipe, folder: Path) -> Path:
 
     folder.mkdir(parents=True, exist_ok=True)
     loaded, task = source.load(recipe), get_task(recipe.task)
+    if loaded.modules.pooling != ("mean",) or loaded.modules.dense:
+        raise SystemExit(f"CompactBert pools by mean only; {recipe.name} has {loaded.modules.describe()}")
     exported = export.export_onnx(loaded, task, folder / "model.onnx", recipe.opset)
     fp16_graph(exported.path, folder / "model.fp16.onnx")
     exported.spec.write(folder / "iospec.json")
     batches = validate.make_batches(loaded.tokenizer, exported.spec, recipe.profile)
-    reference = validate.torch_runner(exported.wrapper, exported.spec)
-    references = [reference(batch.inputs) for batch in batches]
+    reference = task.reference(loaded, exported.spec)
+    references = [reference(batch) for batch in batches]
     np.savez(folder / "batches.npz", **{f"{i}/{k}": v for i, b in enumerate(batches) for k, v in b.inputs.items()})
     np.savez(folder / "references.npz", **{f"{i}/{k}": v for i, r in enumerate(references) for k, v in r.items()})
     weights = {k: v.detach().numpy() for k, v in loaded.model.state_dict().items()}
     np.savez(folder / "weights.npz", **weights)
     config = {key: getattr(loaded.model.config, key) for key in
               ("hidden_size", "num_attention_heads", "num_hidden_layers", "layer_norm_eps", "hidden_act")}
+    config["normalize"] = loaded.modules.normalize
     meta = {"name": recipe.name, "texts": [b.texts for b in batches], "metric": task.metric,
             "metric_output": task.metric_output, "config": config, "input_names": exported.spec.input_names,
             "gates": {name: asdict(getattr(recipe.gates, name)) for name in ("fp32", "fp16")},
@@ -117,9 +120,11 @@ def prepare(recipe, folder: Path) -> Path:
     for batch, expected in zip(batches, references):
         with torch.no_grad():
             got = compact(*(torch.from_numpy(batch.inputs[n]) for n in exported.spec.input_names))
-        worst = max(float(np.abs(g.numpy() - expected[n]).max()) for g, n in zip(got, exported.spec.output_names))
+        real = batch.mask.astype(bool)  # token outputs compared at real positions: the reference zeroes padding
+        worst = max(float(np.abs(g.numpy() - expected[n])[real if g.ndim == 3 else ...].max())
+                    for g, n in zip(got, exported.spec.output_names))
         if not worst <= 1e-5:
-            raise SystemExit(f"CompactBert differs from transformers by {worst:.3g} on {recipe.name}")
+            raise SystemExit(f"CompactBert differs from sentence-transformers by {worst:.3g} on {recipe.name}")
     return folder
 
 
@@ -146,8 +151,8 @@ def load(folder: Path) -> Case:
 
 
 class CompactBert:
-    """BertModel's encoder plus the embeddings task's pooling (masked mean, L2 normalisation), in plain torch, from
-    transformers' state dict: what the torch checks run where transformers is not installed."""
+    """BertModel's encoder plus the embeddings task's mean pooling (and L2 normalisation when the folder has it), in
+    plain torch, from transformers' state dict: what the torch checks run where transformers is not installed."""
 
     def __init__(self, weights: dict, config: dict, input_names: list[str], device: str = "cpu"):
         import torch
@@ -188,7 +193,7 @@ class CompactBert:
             x = self._norm(self._linear(hidden, f"{layer}.output.dense") + x, f"{layer}.output.LayerNorm")
         weights = mask.unsqueeze(-1).to(x.dtype)
         mean = (x * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
-        return x, torch.nn.functional.normalize(mean, p=2, dim=1)
+        return x, torch.nn.functional.normalize(mean, p=2, dim=1) if self.config["normalize"] else mean
 
 
 # --- the checks --------------------------------------------------------------------------------------------------

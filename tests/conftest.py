@@ -27,3 +27,8 @@ def tiny_recipe_embeddings(tiny_bert_dir):
 @pytest.fixture(scope="session")
 def tiny_recipe_classifier(tiny_classifier_dir):
     return tiny_recipe(tiny_classifier_dir, task="sequence-classification", name="tinycls")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--matrix-table", action="store_true",
+                     help="print the family × task matrix (tests/test_matrix.py) as the README's table")

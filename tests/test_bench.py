@@ -131,7 +131,7 @@ def test_measure_in_process_reports_every_gated_level_against_pytorch(build, loa
     assert all(g.precision == ("int8" if g.level == "int8" else "fp32") for g in graphs)
     assert [g.shipped for g in graphs] == [g.level == build.record.optimize.shipped for g in graphs]
     assert graphs[0].path == build.level_path("plain")
-    wrapper = get_task(build.recipe.task).wrapper(loaded.model, build.spec.input_names).eval()
+    wrapper = get_task(build.recipe.task).wrapper(loaded, build.spec.input_names).eval()
     workloads = [make_workload(loaded.tokenizer, build.spec, *shape) for shape in [(1, 16), (2, 32)]]
     budget = Budget(warmup=1, max_rounds=3, seconds=5, passes=2)
     measurements = measure_in_process(wrapper, build.spec, graphs, workloads, budget, threads=1)

@@ -50,6 +50,28 @@ def test_a_dynamic_axis_that_came_out_fixed_is_an_error(exported, tmp_path):
 
 
 def test_export_failure_is_one_clear_error(exported, tmp_path):
-    loaded, _, _ = exported
+    loaded, task, _ = exported
     with pytest.raises(PackagerError, match="ONNX export failed at opset 7"):
-        export.export_onnx(loaded, get_task("embeddings"), tmp_path / "m.onnx", opset=7)
+        export.export_onnx(loaded, task, tmp_path / "m.onnx", opset=7)
+
+
+def test_an_input_the_exporter_drops_leaves_the_spec_and_the_wrapper(tmp_path):
+    """DeBERTa-v3 (type_vocab_size 0) does not use token_type_ids: the graph, the spec and the returned wrapper take
+    input_ids and attention_mask only, and the graph answers as the wrapper does."""
+    import numpy as np
+    import onnxruntime
+    import torch
+
+    from tests.tiny_families import write_tiny
+    from tests.tiny_model import tiny_recipe
+
+    loaded = source.load(tiny_recipe(write_tiny("deberta-v3", "embeddings", tmp_path / "deberta")))
+    assert "token_type_ids" in loaded.tokenizer.model_input_names
+    result = export.export_onnx(loaded, get_task("embeddings"), tmp_path / "model.onnx", 17)
+    assert result.spec.input_names == result.wrapper.input_names == ["input_ids", "attention_mask"]
+    encoded = loaded.tokenizer(["a short text", "a longer text with more words"], padding=True, return_tensors="np")
+    feeds = {name: encoded[name] for name in result.spec.input_names}
+    served = onnxruntime.InferenceSession(str(result.path)).run(["sentence_embedding"], feeds)[0]
+    with torch.no_grad():
+        expected = result.wrapper(*(torch.from_numpy(feeds[name]) for name in result.spec.input_names))[1]
+    np.testing.assert_allclose(served, expected.numpy(), atol=1e-5)

@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 from packager.cpu import CPU_CLASSES, cpu_class
 from packager.optimize import int8
 from packager.optimize.calibration import calibration_texts
-from packager.optimize.int8_plan import activation_range, plan_node, weight_codes
+from packager.optimize.int8_plan import activation_range, capture, plan_node, weight_codes
 from packager.validate import VALIDATION_TEXTS
 from tests.test_optimize import make_stage
 
@@ -210,3 +210,19 @@ def test_the_int8_graph_answers_the_same_on_an_avx2_machine(default_int8, embedd
     native = run_graph(default_int8.path, batch.inputs, tmp_path, avx2=False)
     avx2 = run_graph(default_int8.path, batch.inputs, tmp_path, avx2=True)
     assert max(float(np.abs(a - b).max()) for a, b in zip(native, avx2)) <= 1e-5  # fp32 kernel noise only
+
+
+def test_calibration_takes_real_tokens_of_per_token_tensors_and_every_row_of_the_others():
+    """DeBERTa's relative position embeddings ([1, positions, hidden]) are not per token: all their rows count."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "sequence", 4])
+    mask = helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "sequence"])
+    out = helper.make_tensor_value_info("out", TensorProto.FLOAT, None)
+    table = numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(1, 3, 4), "table")
+    nodes = [helper.make_node("Relu", ["x"], ["tokens"]), helper.make_node("Identity", ["table"], ["positions"]),
+             helper.make_node("Identity", ["tokens"], ["out"])]
+    graph = helper.make_graph(nodes, "g", [x, mask], [out], initializer=[table])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    batch = {"x": np.ones((2, 5, 4), np.float32), "attention_mask": np.array([[1] * 5, [1, 1, 0, 0, 0]])}
+    rows = capture(model, ["tokens", "positions"], [batch, batch], "attention_mask")
+    assert rows["tokens"].shape == (2 * 7, 4)  # 7 real tokens per batch
+    assert rows["positions"].shape == (2 * 3, 4)

@@ -50,9 +50,8 @@ def test_a_perturbed_minilm_graph_fails_the_gate(packaged, tmp_path):
     recipe = packaged.recipe
     loaded = packaged.model()
     task = get_task(recipe.task)
-    wrapper = task.wrapper(loaded.model, packaged.spec.input_names).eval()
     batches = validate.make_batches(loaded.tokenizer, packaged.spec, recipe.profile)[:2]
-    validator = validate.Validator(task, packaged.spec, batches, validate.torch_runner(wrapper, packaged.spec),
+    validator = validate.Validator(task, packaged.spec, batches, task.reference(loaded, packaged.spec),
                                    recipe.gates.fp32)
     perturb_largest_weight(packaged.level_path("plain"), tmp_path / "bad.onnx", scale=0.2)
     with pytest.raises(GateFailed, match="parity gate failed for perturbed"):

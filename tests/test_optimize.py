@@ -42,7 +42,7 @@ def make_stage(recipe: Recipe, folder: Path, attn_implementation: str | None = N
     task = get_task(recipe.task)
     exported = export.export_onnx(loaded, task, folder / "model.onnx", recipe.opset)
     batches = validate.make_batches(loaded.tokenizer, exported.spec, recipe.profile)
-    reference = validate.torch_runner(exported.wrapper, exported.spec)
+    reference = task.reference(loaded, exported.spec)
     invariance = validate.invariance_layouts(loaded.tokenizer, exported.spec, recipe.profile)
     validator = validate.Validator(task, exported.spec, batches, reference, recipe.gates.fp32, invariance)
     return Stage(recipe, loaded, exported, validator)

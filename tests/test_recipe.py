@@ -3,7 +3,7 @@ import re
 import pytest
 
 from packager.errors import UsageError
-from packager.recipe import Gates, Range, known_recipes, load_recipe, padded_length, parse_recipe
+from packager.recipe import Gates, Range, known_recipes, load_recipe, model_positions, padded_length, parse_recipe
 
 
 def test_bert_recipe_is_known_and_complete():
@@ -101,6 +101,29 @@ def test_local_folder_infers_task(tiny_bert_dir, tiny_classifier_dir):
 def test_local_folder_profile_stays_within_the_model_positions(tiny_bert_dir):
     # the tiny model has 128 position embeddings; the default profile would go to 256
     assert load_recipe(str(tiny_bert_dir)).profile.sequence.max == 128
+
+
+@pytest.mark.parametrize("config, usable", [
+    ({"model_type": "bert", "max_position_embeddings": 512}, 512),
+    ({"model_type": "roberta", "max_position_embeddings": 514, "pad_token_id": 1}, 512),
+    ({"model_type": "xlm-roberta", "max_position_embeddings": 514, "pad_token_id": 1}, 512),
+    ({"model_type": "camembert", "max_position_embeddings": 514, "pad_token_id": 1}, 512),
+    ({"model_type": "mpnet", "max_position_embeddings": 514, "pad_token_id": 1}, 512),
+    ({"model_type": "roberta", "max_position_embeddings": 66, "pad_token_id": 1}, 64),
+    ({"model_type": "roberta", "max_position_embeddings": 66, "pad_token_id": 0}, 65),  # offset follows padding_idx
+    ({"model_type": "roberta", "max_position_embeddings": 66}, 64),  # RoBERTa's default pad_token_id is 1
+    ({"model_type": "deberta-v2", "max_position_embeddings": 512, "pad_token_id": 0}, 512),
+])
+def test_usable_positions_subtract_the_familys_position_offset(config, usable):
+    assert model_positions(config).usable == usable
+    assert model_positions({"model_type": "roberta"}) is None  # no table named: no limit from positions
+
+
+def test_local_folder_profile_stays_within_the_usable_positions_of_a_roberta(tmp_path):
+    from tests.tiny_families import write_tiny
+
+    folder = write_tiny("roberta", "embeddings", tmp_path / "roberta66", max_position_embeddings=66)
+    assert load_recipe(str(folder)).profile.sequence.max == 64
 
 
 def test_profile_longer_than_the_model_is_one_clear_error(tiny_recipe_embeddings):

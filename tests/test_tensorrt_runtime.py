@@ -223,7 +223,7 @@ def test_the_runner_passes_the_gate_on_the_double_and_refuses_shapes_no_profile_
     recipe, loaded, model = tiny
     task = get_task(recipe.task)
     batches = validate.make_batches(loaded.tokenizer, model.spec, recipe.profile)
-    validator = validate.Validator(task, model.spec, batches, validate.torch_runner(model.wrapper, model.spec),
+    validator = validate.Validator(task, model.spec, batches, task.reference(loaded, model.spec),
                                    recipe.gates.fp32)
     runner, trt, _ = runner_on_double(recipe, model, tmp_path)
     assert validator.check("tensorrt", runner).passed

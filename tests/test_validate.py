@@ -30,7 +30,7 @@ def setup(request, tmp_path_factory, tiny_recipe_embeddings, tiny_recipe_classif
     exported = export.export_onnx(loaded, task, folder / "model.onnx", recipe.opset)
     batches = validate.make_batches(loaded.tokenizer, exported.spec, recipe.profile)
     validator = validate.Validator(task, exported.spec, batches,
-                                   validate.torch_runner(exported.wrapper, exported.spec), recipe.gates.fp32)
+                                   task.reference(loaded, exported.spec), recipe.gates.fp32)
     return recipe, loaded, exported, validator, folder
 
 

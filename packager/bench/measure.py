@@ -31,7 +31,7 @@ def benchmark(recipe: Recipe, options: BenchOptions = BenchOptions()) -> Report:
     build = ensure_build(recipe, options.build_root)
     loaded = build.model()
     with step(f"PyTorch and the inputs ({', '.join(f'{b}x{s}' for b, s in shapes)})"):
-        wrapper = get_task(recipe.task).wrapper(loaded.model, build.spec.input_names).eval()
+        wrapper = get_task(recipe.task).wrapper(loaded, build.spec.input_names).eval()
         workloads = {shape: make_workload(loaded.tokenizer, build.spec, *shape) for shape in shapes}
     peak_step = f"peak of this machine ({options.peak_size}² matrix products, {threads} threads)"
     with step(peak_step):

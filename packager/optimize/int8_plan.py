@@ -54,7 +54,10 @@ def _fake_quantized(x: np.ndarray, scale: float, zero: int) -> np.ndarray:
 
 def capture(model: onnx.ModelProto, tensors: list[str], batches: Iterable[dict[str, np.ndarray]],
             mask_input: str | None) -> dict[str, np.ndarray]:
-    """Each tensor's rows at real tokens (where `mask_input` is 1; every row without a mask), over all batches."""
+    """Each tensor's rows at real tokens (where `mask_input` is 1; every row without a mask), over all batches.
+
+    A tensor that is not per token (DeBERTa's relative position embeddings, [1, positions, hidden]) gives all rows.
+    """
     import onnxruntime as ort
 
     probe = onnx.ModelProto()
@@ -71,7 +74,8 @@ def capture(model: onnx.ModelProto, tensors: list[str], batches: Iterable[dict[s
         values = session.run(tensors, {name: batch[name] for name in inputs})
         real = batch[mask_input].astype(bool) if mask_input else np.ones(batch[inputs[0]].shape, bool)
         for name, value in zip(tensors, values):
-            rows[name].append(value[real].astype(np.float32))
+            per_token = value.shape[:real.ndim] == real.shape
+            rows[name].append((value[real] if per_token else value.reshape(-1, value.shape[-1])).astype(np.float32))
     return {name: np.concatenate(parts) for name, parts in rows.items()}
 
 

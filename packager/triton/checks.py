@@ -30,6 +30,7 @@ from packager.validate import Inputs, ValidationBatch
 
 CONCURRENT_REQUESTS = 8  # one text each, sent from this many threads at once
 JOIN_ATTEMPTS = 3  # rounds of concurrent requests before "the batcher never joined them" is a failure
+UNKNOWN_PROMPT = "no-such-prompt"
 LONG_TEXT = max(validate.VALIDATION_TEXTS, key=len)
 NON_ASCII_TEXTS = tuple(text for text in validate.VALIDATION_TEXTS if not text.isascii())
 
@@ -127,14 +128,36 @@ class Checks:
         if model.role is Role.TOKENIZER:
             return [self.attempt("tokens = HF tokenizer", model.name, self.tokens, model, cases)]
         label = "text → PyTorch" if model.role is Role.ENSEMBLE else "tokens → PyTorch"
-        return [
+        rows = [
             self.attempt(f"{label}: {case}", model.name, self.answer, model, texts) for case, texts in cases.items()
         ]
+        if model.role is Role.ENSEMBLE:
+            rows += [self.attempt(f"text with prompt '{name}' → PyTorch", model.name, self.prompted, model, name)
+                     for name in self.reference.prompts]
+        return rows
 
     def answer(self, model: Model, texts: Sequence[str]) -> tuple[bool, str]:
         batch = self.reference.tokenize(texts)
         served = self.client.infer(model.name, self._inputs(model, batch), model.output_names)
         return self.reference.compare(batch, self.reference.answer(texts), served, _gate(model))
+
+    def prompted(self, model: Model, prompt_name: str) -> tuple[bool, str]:
+        """Texts sent with the request parameter prompt_name: the served tokenizer prepends that prompt."""
+        texts = validate.VALIDATION_TEXTS[:2]
+        batch, expected = self.reference.prompted(texts, prompt_name)
+        served = self.client.infer(model.name, model.text_request(texts), model.output_names,
+                                   parameters={"prompt_name": prompt_name})
+        return self.reference.compare(batch, expected, served, _gate(model))
+
+    def unknown_prompt(self, model: Model) -> tuple[bool, str]:
+        """A prompt_name the model does not have is refused, naming the prompts it has."""
+        try:
+            self.client.infer(model.name, model.text_request(validate.VALIDATION_TEXTS[:1]), model.output_names,
+                              parameters={"prompt_name": UNKNOWN_PROMPT})
+        except InferenceServerException as error:
+            message = error_text(error)
+            return f"unknown prompt_name '{UNKNOWN_PROMPT}'" in message, message
+        return False, "Triton accepted the request"
 
     def tokens(self, model: Model, cases: dict[str, tuple[str, ...]]) -> tuple[bool, str]:
         for case, texts in cases.items():
@@ -162,7 +185,7 @@ class Checks:
         texts = [validate.VALIDATION_TEXTS[i % len(validate.VALIDATION_TEXTS)] for i in range(CONCURRENT_REQUESTS)]
         batches = self._single_batches(model, texts)
         requests = [self._inputs(model, batch) for batch in batches]
-        expected = [self.reference.runner(batch.inputs) for batch in batches]  # PyTorch at each request's padding
+        expected = [self.reference.runner(batch) for batch in batches]  # the reference at each request's padding
         alone = [self.client.infer(model.name, request, model.output_names) for request in requests]
         batcher = self._batching_model(model)
         one_length = len({batch.sequence for batch in batches}) == 1
@@ -214,6 +237,8 @@ class Checks:
         for check, bad in BAD_REQUESTS.items():
             inputs, pattern = bad.make(model, valid), bad.pattern(model, valid)
             rows.append(self.attempt(f"bad request: {check}", model.name, self.refused, model, inputs, pattern))
+        if model.role is not Role.MODEL:
+            rows.append(self.attempt("bad request: unknown prompt_name", model.name, self.unknown_prompt, model))
         return rows
 
     def unknown_model(self, models: list[Model]) -> SmokeRow:

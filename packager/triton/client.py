@@ -100,12 +100,13 @@ class Client:
             tensors.append(tensor)
         return tensors, [self.wire.module.InferRequestedOutput(name) for name in outputs]
 
-    def send(self, model: str, tensors: list, outputs: list):
-        """One inference with a `request`'s tensors; tritonclient's result (`as_numpy(name)` decodes an output)."""
-        return self._client.infer(model, tensors, outputs=outputs)
+    def send(self, model: str, tensors: list, outputs: list, parameters: dict | None = None):
+        """One inference with a `request`'s tensors and request parameters (an ensemble passes them to its steps);
+        tritonclient's result (`as_numpy(name)` decodes an output)."""
+        return self._client.infer(model, tensors, outputs=outputs, parameters=parameters)
 
-    def infer(self, model: str, inputs: Inputs, outputs: list[str]) -> Outputs:
-        result = self.send(model, *self.request(inputs, outputs))
+    def infer(self, model: str, inputs: Inputs, outputs: list[str], parameters: dict | None = None) -> Outputs:
+        result = self.send(model, *self.request(inputs, outputs), parameters=parameters)
         return {name: result.as_numpy(name) for name in outputs}
 
 

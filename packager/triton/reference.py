@@ -1,7 +1,9 @@
-"""The smoke's reference: PyTorch's answers and the Hugging Face tokenizer's tokens for the texts it sends."""
+"""The smoke's reference: the task's independent reference (sentence-transformers' encode, the transformers model)
+and the Hugging Face tokenizer's tokens for the texts it sends."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -10,14 +12,15 @@ from transformers import PreTrainedTokenizerBase
 from packager import source, validate
 from packager.iospec import IOSpec
 from packager.recipe import Profile, Recipe, Tolerances, padded_length
-from packager.tasks import Task, get_task
+from packager.tasks import BatchReference, Task, get_task
 from packager.triton.client import Outputs
 from packager.validate import ValidationBatch
 
 
 @dataclass
 class Reference:
-    """What served answers are compared with: PyTorch on the same tokens, and the tokenizer that made them.
+    """What served answers are compared with: the task's reference on the same texts (packager.tasks: never the
+    exported wrapper), and the tokenizer whose tokens the served tokenizer must give.
 
     Texts are tokenized as the served tokenizer does: truncated at the profile's max sequence, padded to the
     longest text of the request, at least to the profile's min sequence, rounded up to a length bucket.
@@ -26,17 +29,17 @@ class Reference:
     task: Task
     spec: IOSpec
     tokenizer: PreTrainedTokenizerBase
-    runner: validate.Runner
+    runner: BatchReference
     profile: Profile
     buckets: tuple[int, ...]  # the served tokenizer's length buckets (empty: padded to the longest text)
+    prompts: dict[str, str] = field(default_factory=dict)  # sentence-transformers prompts by name (embeddings)
     _answers: dict[tuple[str, ...], Outputs] = field(default_factory=dict, init=False, repr=False)
 
     @classmethod
     def of(cls, recipe: Recipe, spec: IOSpec, loaded: source.LoadedModel) -> "Reference":
-        """The task wrapper of the loaded model run by PyTorch."""
         task = get_task(recipe.task)
-        runner = validate.torch_runner(task.wrapper(loaded.model, spec.input_names).eval(), spec)
-        return cls(task, spec, loaded.tokenizer, runner, recipe.profile, recipe.serving.buckets(recipe.profile))
+        return cls(task, spec, loaded.tokenizer, task.reference(loaded, spec), recipe.profile,
+                   recipe.serving.buckets(recipe.profile), dict(loaded.modules.prompts) if loaded.modules else {})
 
     def tokenize(self, texts: Sequence[str]) -> ValidationBatch:
         sequence = self.profile.sequence
@@ -44,10 +47,16 @@ class Reference:
         length = padded_length(max(map(len, lengths)), sequence.min, self.buckets)
         return ValidationBatch.of(texts, validate.tokenize(self.tokenizer, self.spec, list(texts), length))
 
+    def prompted(self, texts: Sequence[str], prompt_name: str) -> tuple[ValidationBatch, Outputs]:
+        """The tokens of the prompted texts, and the reference's answer for `texts` with that prompt (its own
+        prompt handling: sentence-transformers' encode(prompt_name=...))."""
+        batch = self.tokenize([self.prompts[prompt_name] + text for text in texts])
+        return batch, self.runner(dataclasses.replace(batch, texts=tuple(texts)), prompt_name=prompt_name)
+
     def answer(self, texts: Sequence[str]) -> Outputs:
         key = tuple(texts)
         if key not in self._answers:
-            self._answers[key] = self.runner(self.tokenize(texts).inputs)
+            self._answers[key] = self.runner(self.tokenize(texts))
         return self._answers[key]
 
     def compare(self, batch: ValidationBatch, expected: Outputs, served: Outputs,

@@ -231,6 +231,13 @@ def load_models(server: TritonServer, names: Iterable[str], timeout_s: float = 3
     return results
 
 
+def unload_models(server: TritonServer, names: Iterable[str], timeout_s: float = 60.0) -> None:
+    """Unload each model through explicit model control (an ensemble with the models it loaded)."""
+    with _http_client(server, timeout_s) as client:
+        for name in names:
+            client.unload_model(name, unload_dependents=True)
+
+
 def wait_until_ready(server: TritonServer, timeout_s: float) -> None:
     """Wait for `/v2/health/live`, then for server readiness; raise with the log tail on failure."""
     deadline = time.monotonic() + timeout_s

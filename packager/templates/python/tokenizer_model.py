@@ -7,6 +7,9 @@ from that tokenizer) says which library encodes, the tokenizers.Encoding field b
 output is padded with, and the padding and truncation sides. The tokenizer files are in the version folder:
 nothing is downloaded.
 
+A request may name one of the model's sentence-transformers prompts (config parameter `prompts`, a JSON object) in
+its request parameter `prompt_name`; that prompt is prepended to each of its texts. Without it, no prompt.
+
 A fast tokenizer is run by the `tokenizers` library from tokenizer.json, the same Rust code the Hugging Face fast
 tokenizer calls, without importing transformers (which imports torch: seconds at every load). Only a slow tokenizer
 (no tokenizer.json) falls back to transformers.
@@ -72,6 +75,7 @@ class TritonPythonModel:
         self.max_length = int(parameters["max_sequence_length"])
         self.min_length = int(parameters["min_sequence_length"])
         self.buckets = [int(size) for size in parameters.get("length_buckets", "").split(",") if size]
+        self.prompts = json.loads(parameters.get("prompts", "{}"))
         self.text_input = config["input"][0]["name"]
         self.outputs = {t["name"]: pb_utils.triton_string_to_numpy(t["data_type"]) for t in config["output"]}
         self.pad_values = {name: settings["pad_values"][name] for name in self.outputs}
@@ -85,10 +89,19 @@ class TritonPythonModel:
     def _respond(self, request):
         try:
             values = pb_utils.get_input_tensor_by_name(request, self.text_input).as_numpy().reshape(-1)
-            encoded = self.tokenize([v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values])
+            prompt = self._prompt(json.loads(request.parameters() or "{}").get("prompt_name"))
+            encoded = self.tokenize([prompt + (v.decode("utf-8") if isinstance(v, bytes) else str(v)) for v in values])
             return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(n, v) for n, v in encoded.items()])
         except Exception as exc:
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"tokenizer: {exc}"))
+
+    def _prompt(self, name):
+        if name is None:
+            return ""
+        if name not in self.prompts:
+            known = ", ".join(sorted(self.prompts)) or "none"
+            raise ValueError(f"unknown prompt_name '{name}' (this model's prompts: {known})")
+        return self.prompts[name]
 
     def tokenize(self, texts):
         """Output name -> (texts, length) array: rows truncated, padded to the longest (at least min_length),
