@@ -149,9 +149,9 @@ def build(recipe: Recipe, options: BuildOptions, loaded: source.LoadedModel | No
             exported = export.export_onnx(loaded, task, staging / EXPORTED_FILE, recipe.opset)
             exported.spec.write(staging / SPEC_FILE)
         with step("validate the export against PyTorch on real text"):
-            batches = validate.make_batches(loaded.tokenizer, exported.spec, recipe.profile)
+            batches = validate.make_batches(loaded.tokenizer, exported.spec, recipe.profile, task)
             reference = task.reference(loaded, exported.spec)
-            invariance = validate.invariance_layouts(loaded.tokenizer, exported.spec, recipe.profile)
+            invariance = validate.invariance_layouts(loaded.tokenizer, exported.spec, recipe.profile, task)
             validator = validate.Validator(task, exported.spec, batches, reference, recipe.gates.fp32, invariance)
             exported_report = validate.require_parity(
                 validator.check("onnx", validate.onnxruntime_runner(exported.path, exported.spec)))
@@ -257,7 +257,8 @@ def stage_release(built: BuildFolder, loaded: source.LoadedModel) -> StagedRelea
     recipe = built.recipe
     with step("render Triton configs (checked with Triton's ModelConfig schema)"):
         models = render.render_repository(recipe, built.spec, render.Artifacts(
-            built.shipped_path, loaded.tokenizer, built.plan(), loaded.modules.prompts if loaded.modules else {}))
+            built.shipped_path, loaded.tokenizer, built.plan(), loaded.modules.prompts if loaded.modules else {},
+            loaded.labels))
         say("    " + ", ".join(model.name for model in models))
     gates = {"onnx": built.record.shipped_gate, "plan": built.record.tensorrt.gate}
     return StagedRelease(models, Release.of(recipe.to_data(), recipe.source.describe(), built.spec, built.record),

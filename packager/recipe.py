@@ -28,7 +28,10 @@ DEVICES = ("cpu", "gpu")
 LEVEL_DEVICES: dict[str, tuple[str, ...]] = {
     "plain": DEVICES, "fused": DEVICES, "int8": ("cpu",), "fp16": ("gpu",),
 }
-TASK_NAMES = ("embeddings", "sequence-classification")  # packager.tasks implements each
+TASK_NAMES = (  # packager.tasks implements each
+    "embeddings", "sequence-classification", "token-classification", "question-answering", "text-pair-classification",
+)
+PAIR_TASKS = ("question-answering", "text-pair-classification")  # tasks whose ensemble takes two texts
 # Serving targets (packager.render renders each): a model plus its ensemble.
 TARGETS = ("onnxruntime", "python", "tensorrt")
 PRECISIONS = ("fp32", "fp16")  # TensorRT engine precisions
@@ -91,6 +94,7 @@ class Profile:
 
 
 DEFAULT_BATCH, DEFAULT_SEQUENCE = Range(1, 8, 32), Range(2, 128, 256)
+PAIR_SEQUENCE_MIN = 16  # the shortest padded length of a pair task's folder: a question is never truncated
 
 
 @dataclass(frozen=True)
@@ -190,6 +194,9 @@ class Serving:
     pad_to: Literal["buckets", "longest"] = "longest"
     length_buckets: tuple[int, ...] = ()  # with buckets; empty: powers of two from 16 below the profile's max, the max
     onnxruntime: OnnxRuntimeOptions = OnnxRuntimeOptions()
+    # token-classification: also the ensemble <name>_entities, text -> entity spans with character offsets, grouped
+    # as transformers' pipeline("token-classification", aggregation_strategy="simple") groups them
+    entities: bool = False
 
     def __post_init__(self):
         _check(bool(self.targets), "targets must name at least one target")
@@ -343,7 +350,8 @@ _DNS_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 @dataclass(frozen=True)
 class Recipe:
     name: str
-    task: Literal["embeddings", "sequence-classification"]
+    task: Literal["embeddings", "sequence-classification", "token-classification", "question-answering",
+                  "text-pair-classification"]
     source: Source
     profile: Profile
     description: str = ""
@@ -413,6 +421,8 @@ def _check_across_sections(recipe: Recipe, where: str) -> None:
         if not sequence.contains(size):
             raise UsageError(f"{where}: [serving] length_buckets {size} is outside the profile's sequence "
                              f"{sequence.min}..{sequence.max}")
+    if recipe.serving.entities and recipe.task != "token-classification":
+        raise UsageError(f"{where}: [serving] entities groups token-classification logits; task is {recipe.task}")
 
 
 # ---- finding recipes ---------------------------------------------------------------------------------------------
@@ -446,11 +456,13 @@ def local_folder_data(folder: Path) -> dict:
     """Recipe data for a local model folder: the inferred task, the default profile within the model's limits."""
     folder = folder.resolve()
     name = "".join(c if c.isalnum() else "_" for c in folder.name.lower()).strip("_") or "model"
-    longest = min(DEFAULT_SEQUENCE.max, *_sequence_limits(folder))
-    sequence = [min(DEFAULT_SEQUENCE.min, longest), min(DEFAULT_SEQUENCE.opt, longest), longest]
+    longest = min([DEFAULT_SEQUENCE.max, *_sequence_limits(folder)])
+    task = infer_task(folder)
+    shortest = PAIR_SEQUENCE_MIN if task in PAIR_TASKS else DEFAULT_SEQUENCE.min
+    sequence = [min(shortest, longest), min(DEFAULT_SEQUENCE.opt, longest), longest]
     return {
         "name": name,
-        "task": infer_task(folder),
+        "task": task,
         "description": f"local model folder {folder}",
         "source": {"path": str(folder)},
         "profile": {"batch": DEFAULT_BATCH.to_data(), "sequence": sequence},
@@ -514,17 +526,31 @@ def _sequence_limits(folder: Path) -> list[int]:
     return limits
 
 
+# The task of each Auto class's architecture suffix (a config's "architectures"), checked in this order.
+ARCHITECTURE_TASKS = (
+    ("ForSequenceClassification", "sequence-classification"),
+    ("ForTokenClassification", "token-classification"),
+    ("ForQuestionAnswering", "question-answering"),
+)
+
+
 def infer_task(folder: Path) -> str:
-    """The task of a local model folder: embeddings for sentence-transformers folders, else from the config."""
+    """The task of a local model folder: embeddings for sentence-transformers folders, else from the config; a
+    sequence classifier saved by sentence-transformers' CrossEncoder (a "sentence_transformers" key in its config)
+    scores text pairs."""
     if (folder / "modules.json").exists() or (folder / "sentence_bert_config.json").exists():
         return "embeddings"
     config_path = folder / "config.json"
     try:
-        architectures = json.loads(config_path.read_text()).get("architectures") or []
+        config = json.loads(config_path.read_text())
+        architectures = config.get("architectures") or []
     except (ValueError, UnicodeDecodeError, AttributeError):
         raise UsageError(f"{config_path} is not a valid JSON object") from None
-    if any(str(a).endswith("ForSequenceClassification") for a in architectures):
-        return "sequence-classification"
+    for suffix, task in ARCHITECTURE_TASKS:
+        if any(str(a).endswith(suffix) for a in architectures):
+            if task == "sequence-classification" and "sentence_transformers" in config:
+                return "text-pair-classification"
+            return task
     if any(str(a).endswith("Model") for a in architectures):
         return "embeddings"
     raise UsageError(f"cannot infer the task of {folder} (architectures {architectures}); pass TASK= / --task")

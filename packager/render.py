@@ -24,13 +24,18 @@ from packager.iospec import BATCH, SEQUENCE, IOSpec, TensorSpec
 from packager.recipe import TARGETS as TARGET_NAMES
 from packager.recipe import Profile, Recipe, Serving
 from packager.record import ProfileShapes
+from packager.tasks import get_task
 from packager.templating import TEMPLATE_DIR, environment
 
 # Read as real files: Jinja loads the templates from TEMPLATE_DIR and publish copies the python models' model.py.
 PYTHON_MODELS = TEMPLATE_DIR / "python"
 TOKENIZER_FOLDER = "tokenizer"  # inside the tokenizer model's version folder
 FAST_TOKENIZER_FILE = "tokenizer.json"  # what `tokenizers` loads; absent for slow tokenizers
-ENCODING_FILE = "encoding.json"  # next to the tokenizer model's model.py
+ENCODING_FILE = "encoding.json"  # next to the tokenizer model's model.py (and the entities model's)
+ENTITIES_FILE = "entities.json"  # next to the entities model's model.py: labels by id, ignored labels, unknown id
+ENTITIES_OUTPUT = "entities"  # the entities ensemble's output: one JSON list of entity groups per text
+ENTITIES_SUFFIX, ENTITY_GROUPS_SUFFIX = "_entities", "_entity_groups"  # the ensemble, and its python step
+IGNORED_LABELS = ("O",)  # the pipeline's default ignore_labels
 PADDING_FILE = "padding.json"  # next to the portable model's model.py
 # The tokenizers.Encoding field behind each output of a Hugging Face fast tokenizer (transformers'
 # TokenizersBackend._convert_encoding): the tokenizer model reads them without importing transformers.
@@ -68,6 +73,7 @@ class Artifacts:
     tokenizer: PreTrainedTokenizerBase
     tensorrt: TensorRTPlan | None = None
     prompts: Mapping[str, str] = field(default_factory=dict)  # sentence-transformers prompts, by name
+    labels: tuple[str, ...] = ()  # a classifier's labels by id (the model config's id2label), for [serving] entities
 
 
 @dataclass(frozen=True)
@@ -115,7 +121,7 @@ def render_repository(recipe: Recipe, spec: IOSpec, artifacts: Artifacts) -> lis
     ensemble, schema-checked. The order is the publish order: every ensemble after the steps it pins.
     """
     serving = recipe.serving
-    _check_spec(spec, serving)
+    _check_spec(spec, text_input_names(recipe))
     inputs = _Inputs(recipe, spec, serving, artifacts)
     tokenizer = _tokenizer_model(f"{recipe.name}_tokenizer", inputs)
     models = [tokenizer]
@@ -126,6 +132,8 @@ def render_repository(recipe: Recipe, spec: IOSpec, artifacts: Artifacts) -> lis
         model = dataclasses.replace(target.build(recipe.name + target.model_suffix, inputs), runs=target.runs)
         ensemble = _ensemble(recipe.name + target.ensemble_suffix, tokenizer.name, model, inputs)
         models += [model, dataclasses.replace(ensemble, runs=target.runs)]
+    if serving.entities and len(models) > 1:  # its ensemble pins the first target's model
+        models += _entities(recipe.name, tokenizer, models[1], inputs)
     for model in models:
         model.config_text(1)
     return models
@@ -189,7 +197,7 @@ def _tokenizer_model(name: str, inputs: _Inputs) -> RenderedModel:
         "name": name,
         "recipe": inputs.recipe.name,
         "max_batch_size": inputs.recipe.profile.batch.max,
-        "inputs": [_text_tensor(inputs.serving)],
+        "inputs": _text_tensors(inputs.recipe),
         "outputs": [_tensor(t) for t in inputs.spec.inputs],
         "instance": {"kind": "KIND_CPU", "count": inputs.serving.tokenizer_instances, "profiles": []},
         "parameters": {
@@ -204,7 +212,8 @@ def _tokenizer_model(name: str, inputs: _Inputs) -> RenderedModel:
     if buckets:  # pad each request up to one of these lengths ([serving] pad_to = "buckets")
         context["parameters"]["length_buckets"] = ",".join(map(str, buckets))
     saved = _tokenizer_files(inputs.artifacts.tokenizer)
-    encoding = _encoding_settings(inputs.artifacts.tokenizer, inputs.spec, fast=FAST_TOKENIZER_FILE in saved)
+    encoding = _encoding_settings(inputs.artifacts.tokenizer, inputs.spec, fast=FAST_TOKENIZER_FILE in saved,
+                                  truncation=get_task(inputs.recipe.task).truncation)
     files: dict[str, Path | bytes] = {
         "model.py": PYTHON_MODELS / "tokenizer_model.py",
         ENCODING_FILE: (json.dumps(encoding, indent=2) + "\n").encode(),
@@ -215,20 +224,69 @@ def _tokenizer_model(name: str, inputs: _Inputs) -> RenderedModel:
 
 
 def _ensemble(name: str, tokenizer: str, model: RenderedModel, inputs: _Inputs) -> RenderedModel:
-    spec, text = inputs.spec, inputs.serving.text_input
+    spec, texts = inputs.spec, text_input_names(inputs.recipe)
     tensors = {n: n for n in spec.input_names}
     context = {
         "name": name,
         "recipe": inputs.recipe.name,
         "max_batch_size": model.context["max_batch_size"],
-        "inputs": [_text_tensor(inputs.serving)],
+        "inputs": _text_tensors(inputs.recipe),
         "outputs": [_tensor(t) for t in spec.outputs],
         "steps": [
-            {"model": tokenizer, "input_map": {text: text}, "output_map": tensors},
+            {"model": tokenizer, "input_map": {text: text for text in texts}, "output_map": tensors},
             {"model": model.name, "input_map": tensors, "output_map": {n: n for n in spec.output_names}},
         ],
     }
     return RenderedModel(name, "ensemble.pbtxt.j2", context, {})
+
+
+def _entities(name: str, tokenizer: RenderedModel, model: RenderedModel, inputs: _Inputs) -> list[RenderedModel]:
+    """The python step that groups token-classification logits into entity spans, and the ensemble
+    text -> tokenizer -> model -> entity groups."""
+    task = get_task(inputs.recipe.task)
+    text, logits = text_input_names(inputs.recipe)[0], inputs.spec.tensor(task.metric_output)
+    hf_tokenizer = inputs.artifacts.tokenizer
+    saved = _tokenizer_files(hf_tokenizer)
+    if FAST_TOKENIZER_FILE not in saved:
+        raise PackagerError("[serving] entities needs a fast tokenizer (tokenizer.json): character offsets come from it")
+    if len(inputs.artifacts.labels) != logits.dims[-1]:
+        raise PackagerError(f"[serving] entities needs a label for each of the {logits.dims[-1]} logits; the model's "
+                            f"config names {len(inputs.artifacts.labels)}")
+    string = {"data_type": "TYPE_STRING", "dims": [1], "ragged": False}
+    step_name = name + ENTITY_GROUPS_SUFFIX
+    files: dict[str, Path | bytes] = {
+        "model.py": PYTHON_MODELS / "entities_model.py",
+        ENCODING_FILE: tokenizer.files[ENCODING_FILE],
+        ENTITIES_FILE: (json.dumps({"labels": list(inputs.artifacts.labels), "ignore_labels": list(IGNORED_LABELS),
+                                    "unk_id": hf_tokenizer.unk_token_id}, indent=2) + "\n").encode(),
+        **{f"{TOKENIZER_FOLDER}/{path}": data for path, data in saved.items()},
+    }
+    step = RenderedModel(step_name, "entities.pbtxt.j2", {
+        "name": step_name,
+        "recipe": inputs.recipe.name,
+        "max_batch_size": inputs.recipe.profile.batch.max,
+        "inputs": [{"name": text, **string}, _tensor(logits)],
+        "outputs": [{"name": ENTITIES_OUTPUT, **string}],
+        "instance": {"kind": "KIND_CPU", "count": inputs.serving.tokenizer_instances, "profiles": []},
+        "parameters": {"max_sequence_length": str(inputs.recipe.profile.sequence.max),
+                       "tokenizer_folder": TOKENIZER_FOLDER},
+    }, files)
+    tensors = {n: n for n in inputs.spec.input_names}
+    ensemble_name = name + ENTITIES_SUFFIX
+    ensemble = RenderedModel(ensemble_name, "ensemble.pbtxt.j2", {
+        "name": ensemble_name,
+        "recipe": inputs.recipe.name,
+        "max_batch_size": model.context["max_batch_size"],
+        "inputs": [{"name": text, **string}],
+        "outputs": [{"name": ENTITIES_OUTPUT, **string}],
+        "steps": [
+            {"model": tokenizer.name, "input_map": {text: text}, "output_map": tensors},
+            {"model": model.name, "input_map": tensors, "output_map": {logits.name: logits.name}},
+            {"model": step_name, "input_map": {text: text, logits.name: logits.name},
+             "output_map": {ENTITIES_OUTPUT: ENTITIES_OUTPUT}},
+        ],
+    }, {})
+    return [step, dataclasses.replace(ensemble, runs=model.runs)]
 
 
 TARGETS: dict[str, Target] = {
@@ -279,8 +337,14 @@ def _tensor(tensor: TensorSpec, ragged: bool = False) -> dict:
     return {"name": tensor.name, "data_type": tensor.triton_type, "dims": tensor.triton_dims(BATCH), "ragged": ragged}
 
 
-def _text_tensor(serving: Serving) -> dict:
-    return {"name": serving.text_input, "data_type": "TYPE_STRING", "dims": [1], "ragged": False}
+def text_input_names(recipe: Recipe) -> tuple[str, ...]:
+    """The ensemble's text inputs: the task's pair (e.g. question, context), else [serving] text_input."""
+    return get_task(recipe.task).text_inputs or (recipe.serving.text_input,)
+
+
+def _text_tensors(recipe: Recipe) -> list[dict]:
+    return [{"name": name, "data_type": "TYPE_STRING", "dims": [1], "ragged": False}
+            for name in text_input_names(recipe)]
 
 
 def _warmup(spec: IOSpec, shapes: list[Mapping[str, Shape]]) -> list[dict]:
@@ -318,7 +382,7 @@ def _plan_shapes(plan: TensorRTPlan) -> list[dict[str, Shape]]:
 # ---- checks and tokenizer facts -------------------------------------------------------------------------------
 
 
-def _check_spec(spec: IOSpec, serving: Serving) -> None:
+def _check_spec(spec: IOSpec, texts: tuple[str, ...]) -> None:
     """Triton batching needs the batch axis first; inputs may have no other dynamic axis than the sequence."""
     for tensor in spec.inputs + spec.outputs:
         if not tensor.dims or tensor.dims[0] != BATCH:
@@ -329,8 +393,9 @@ def _check_spec(spec: IOSpec, serving: Serving) -> None:
         if other:
             raise PackagerError(
                 f"input '{tensor.name}' has dynamic axes {other}: warmup and padding know only '{SEQUENCE}'")
-    if serving.text_input in spec.input_names + spec.output_names:
-        raise UsageError(f"serving.text_input '{serving.text_input}' clashes with a tensor of the model")
+    for text in texts:
+        if text in spec.input_names + spec.output_names:
+            raise UsageError(f"the ensemble's text input '{text}' clashes with a tensor of the model")
 
 
 def _check_profiles(plan: TensorRTPlan, spec: IOSpec) -> None:
@@ -367,7 +432,7 @@ def _pad_values(tokenizer: PreTrainedTokenizerBase, spec: IOSpec) -> dict[str, i
     return {name: int(encoded[name][0, position]) for name in spec.input_names}
 
 
-def _encoding_settings(tokenizer: PreTrainedTokenizerBase, spec: IOSpec, fast: bool) -> dict:
+def _encoding_settings(tokenizer: PreTrainedTokenizerBase, spec: IOSpec, fast: bool, truncation: str) -> dict:
     """What the tokenizer model needs to encode as the Hugging Face tokenizer does (see tokenizer_model.py)."""
     return {
         "library": "tokenizers" if fast else "transformers",
@@ -375,6 +440,7 @@ def _encoding_settings(tokenizer: PreTrainedTokenizerBase, spec: IOSpec, fast: b
         "pad_values": _pad_values(tokenizer, spec),
         "padding_side": tokenizer.padding_side,
         "truncation_side": tokenizer.truncation_side,
+        "truncation_strategy": truncation,  # the task's: longest_first, or only_second (a pair's second text)
         "split_special_tokens": tokenizer.split_special_tokens,
     }
 

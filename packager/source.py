@@ -44,6 +44,12 @@ class LoadedModel:
         """The truncation length sentence-transformers uses, when the folder says."""
         return self.modules.max_seq_length if self.modules else None
 
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """The labels by id of the model's config (id2label): a classifier's outputs."""
+        id2label = getattr(self.model.config, "id2label", None) or {}
+        return tuple(id2label[index] for index in range(len(id2label)))
+
 
 def resolve_folder(source: Source) -> Path:
     if source.package:

@@ -15,11 +15,13 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import AutoModel, AutoModelForSequenceClassification
+from transformers import (
+    AutoModel, AutoModelForQuestionAnswering, AutoModelForSequenceClassification, AutoModelForTokenClassification,
+)
 
 from packager.errors import PackagerError, UsageError
 from packager.iospec import BATCH, SEQUENCE, IOSpec
-from packager.recipe import TASK_NAMES
+from packager.recipe import PAIR_TASKS, TASK_NAMES
 from packager.sentence_modules import POOLING_MODES, DenseLayer, SentenceModules, dense_weights
 
 if TYPE_CHECKING:
@@ -43,8 +45,16 @@ class Task:
     wrapper: Callable[[LoadedModel, list[str]], torch.nn.Module]
     reference: Callable[[LoadedModel, IOSpec], BatchReference]
     outputs: tuple[OutputSpec, ...]
-    metric: str  # "cosine" or "argmax"
-    metric_output: str  # the output the task metric is computed on
+    metric: str  # "cosine", "argmax" (per row), "token-argmax" (per real token) or "span" (best answer span)
+    metric_output: str  # the output the task metric is computed on ("span": the start logits, with the end logits)
+    # The ensemble's text inputs: empty for one text (named by [serving] text_input), else the names of a pair,
+    # which the tokenizer model encodes with the tokenizer's own pair template.
+    text_inputs: tuple[str, ...] = ()
+    truncation: str = "longest_first"  # the tokenizers truncation strategy ("only_second": a pair's second text)
+
+    @property
+    def pairs(self) -> bool:
+        return len(self.text_inputs) == 2
 
 
 class _Wrapper(torch.nn.Module):
@@ -171,6 +181,14 @@ class Logits(_Wrapper):
         return (self.call_model(inputs).logits,)
 
 
+class SpanLogits(_Wrapper):
+    """Extractive question answering: a start and an end score per token."""
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        outputs = self.call_model(inputs)
+        return outputs.start_logits, outputs.end_logits
+
+
 def sentence_transformers_reference(loaded: LoadedModel, spec: IOSpec) -> BatchReference:
     """sentence-transformers' own `encode` of the folder, truncating where the batch was truncated; token
     embeddings are placed at the batch's real positions (padded positions stay zero: no gate reads them)."""
@@ -229,10 +247,41 @@ TASKS: dict[str, Task] = {
         metric="argmax",
         metric_output="logits",
     ),
+    "token-classification": Task(
+        name="token-classification",
+        auto_class=AutoModelForTokenClassification,
+        wrapper=Logits,
+        reference=transformers_reference,
+        outputs=(OutputSpec("logits", {0: BATCH, 1: SEQUENCE}),),
+        metric="token-argmax",
+        metric_output="logits",
+    ),
+    "question-answering": Task(
+        name="question-answering",
+        auto_class=AutoModelForQuestionAnswering,
+        wrapper=SpanLogits,
+        reference=transformers_reference,
+        outputs=(OutputSpec("start_logits", {0: BATCH, 1: SEQUENCE}), OutputSpec("end_logits", {0: BATCH, 1: SEQUENCE})),
+        metric="span",
+        metric_output="start_logits",
+        text_inputs=("question", "context"),
+        truncation="only_second",
+    ),
+    "text-pair-classification": Task(  # a cross-encoder (reranker): a sequence classifier on (text, text_pair)
+        name="text-pair-classification",
+        auto_class=AutoModelForSequenceClassification,
+        wrapper=Logits,
+        reference=transformers_reference,
+        outputs=(OutputSpec("logits", {0: BATCH}),),
+        metric="argmax",
+        metric_output="logits",
+        text_inputs=("text", "text_pair"),
+    ),
 }
 
 
 assert tuple(TASKS) == TASK_NAMES, "every task the recipe schema knows has a row"
+assert {task.name for task in TASKS.values() if task.pairs} == set(PAIR_TASKS)
 
 
 def get_task(name: str) -> Task:

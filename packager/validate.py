@@ -39,50 +39,123 @@ VALIDATION_TEXTS: tuple[str, ...] = (
     "def export(model): return torch.onnx.export(model, args, 'model.onnx')",
 )
 
+Example = str | tuple[str, str]  # one text, or a pair: (text, text_pair) or (question, context)
+
+# Pairs of the texts above (each with a later one, so the long text meets short and long partners: longest_first
+# truncation), and short questions on each text as a context (only_second truncation cuts the long context).
+PAIR_EXAMPLES: tuple[tuple[str, str], ...] = tuple(
+    (text, VALIDATION_TEXTS[(index * 5 + 3) % len(VALIDATION_TEXTS)]) for index, text in enumerate(VALIDATION_TEXTS)
+)
+QUESTIONS = ("Who plays?", "What jumps?", "Where?", "What serves models?", "Où ?", "何？", "")
+QA_EXAMPLES: tuple[tuple[str, str], ...] = tuple(
+    (QUESTIONS[index % len(QUESTIONS)], context) for index, context in enumerate(VALIDATION_TEXTS)
+)
+MAX_ANSWER_TOKENS = 15  # the longest span the best-span metric considers (transformers' QA pipeline default)
+
+
+def validation_examples(task: "Task | None") -> tuple[Example, ...]:
+    """The gate's fixed examples for a task: texts, text pairs, or (question, context) pairs."""
+    if task is None or not task.pairs:
+        return VALIDATION_TEXTS
+    return QA_EXAMPLES if task.truncation == "only_second" else PAIR_EXAMPLES
+
+
+def label(example: Example) -> str:
+    """An example as one line of text, for reports."""
+    return example if isinstance(example, str) else " | ".join(example)
+
 Inputs = dict[str, np.ndarray]
-Runner = Callable[[Inputs], dict[str, np.ndarray]]
+Outputs = dict[str, np.ndarray]
+Runner = Callable[[Inputs], Outputs]
 
 
 @dataclass(frozen=True)
 class ValidationBatch:
     batch: int
     sequence: int
-    texts: tuple[str, ...]
+    texts: tuple[Example, ...]
     inputs: Inputs
     mask: np.ndarray  # (batch, sequence), 1 on real tokens
+    context: np.ndarray | None = None  # (batch, sequence), 1 on the tokens of a pair's second text (pairs only)
 
     @property
     def shape(self) -> str:
         return f"{self.batch}x{self.sequence}"
 
     @classmethod
-    def of(cls, texts: list[str] | tuple[str, ...], inputs: Inputs) -> "ValidationBatch":
+    def of(cls, texts: list[Example] | tuple[Example, ...], inputs: Inputs,
+           context: np.ndarray | None = None) -> "ValidationBatch":
         """The batch of `texts` tokenized as `inputs`; without an attention mask every position is real."""
         batch, sequence = next(iter(inputs.values())).shape
         mask = inputs["attention_mask"] if "attention_mask" in inputs else np.ones((batch, sequence), np.int64)
-        return cls(batch, sequence, tuple(texts), inputs, mask)
+        return cls(batch, sequence, tuple(texts), inputs, mask, context)
 
 
-def tokenize(tokenizer: "PreTrainedTokenizerBase", spec: IOSpec, texts: list[str], sequence: int) -> Inputs:
+def encode(tokenizer: "PreTrainedTokenizerBase", examples: list[Example] | tuple[Example, ...],
+           truncation: str = "longest_first", **options):
+    """The Hugging Face tokenizer on texts, or on pairs with its own pair template and `truncation` strategy."""
+    if examples and not isinstance(examples[0], str):
+        firsts, seconds = zip(*examples)
+        return tokenizer(list(firsts), list(seconds), truncation=truncation, **options)
+    return tokenizer(list(examples), truncation=truncation, **options)
+
+
+def tokenize(tokenizer: "PreTrainedTokenizerBase", spec: IOSpec, texts: list[Example], sequence: int,
+             truncation: str = "longest_first") -> Inputs:
     """Tokenize to exactly `sequence` tokens (truncate and pad), in the IO spec's names and dtypes."""
-    encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=sequence, return_tensors="np")
+    encoded = encode(tokenizer, texts, truncation, padding="max_length", max_length=sequence, return_tensors="np")
     return {t.name: np.asarray(encoded[t.name]).astype(t.numpy_dtype) for t in spec.inputs}
 
 
-def make_batches(tokenizer: "PreTrainedTokenizerBase", spec: IOSpec, profile: Profile) -> list[ValidationBatch]:
-    """One batch per (batch, sequence) pair of the profile's distinct min/opt/max sizes."""
-    shortest = len(tokenizer("", truncation=False)["input_ids"])
+def encode_batch(tokenizer: "PreTrainedTokenizerBase", spec: IOSpec, task: "Task | None", examples: list[Example],
+                 sequence: int) -> ValidationBatch:
+    """The examples tokenized to exactly `sequence` tokens as the task truncates; pairs mark their second text."""
+    truncation = task.truncation if task else "longest_first"
+    inputs = tokenize(tokenizer, spec, examples, sequence, truncation)
+    context = None
+    if task is not None and task.pairs:
+        encoded = encode(tokenizer, examples, truncation, padding="max_length", max_length=sequence)
+        if not encoded.is_fast:
+            raise PackagerError(f"the {task.name} task needs a fast tokenizer (tokenizer.json) to find the tokens of "
+                                "each text of a pair")
+        context = np.array([[1 if s == 1 else 0 for s in encoded.sequence_ids(row)] for row in range(len(examples))])
+    return ValidationBatch.of(examples, inputs, context)
+
+
+def token_lengths(tokenizer: "PreTrainedTokenizerBase", task: "Task | None", examples: list[Example],
+                  limit: int) -> list[int]:
+    """Each example's token count, truncated at `limit` as the task truncates."""
+    truncation = task.truncation if task else "longest_first"
+    return [len(ids) for ids in encode(tokenizer, examples, truncation, max_length=limit)["input_ids"]]
+
+
+def shortest_sequence(tokenizer: "PreTrainedTokenizerBase", task: "Task | None") -> tuple[int, str]:
+    """The fewest tokens every validation example can be truncated to, and what needs them."""
+    if task is not None and task.truncation == "only_second":  # the question is never truncated
+        needs = {question: len(tokenizer(question, "")["input_ids"]) for question, _ in QA_EXAMPLES}
+        longest = max(needs, key=needs.get)
+        return needs[longest], f"the validation question {longest!r} with an empty context"
+    empty = ("", "") if task is not None and task.pairs else ""
+    return len(encode(tokenizer, [empty], truncation=False)["input_ids"][0]), "an empty text"
+
+
+def make_batches(tokenizer: "PreTrainedTokenizerBase", spec: IOSpec, profile: Profile,
+                 task: "Task | None" = None) -> list[ValidationBatch]:
+    """One batch per (batch, sequence) pair of the profile's distinct min/opt/max sizes (`task`: its examples, its
+    truncation; None: texts)."""
+    shortest, what = shortest_sequence(tokenizer, task)
     if profile.sequence.min < shortest:
         raise PackagerError(
-            f"profile sequence min {profile.sequence.min} is below the {shortest} tokens the tokenizer gives for an "
-            "empty text"
+            f"profile sequence min {profile.sequence.min} is below the {shortest} tokens the tokenizer gives for "
+            f"{what}: raise it (--sequence)"
         )
+    examples = validation_examples(task)
     batches = []
     for index, (batch, sequence) in enumerate(
         (b, s) for b in profile.batch.values() for s in profile.sequence.values()
     ):
-        texts = tuple(VALIDATION_TEXTS[(index + row) % len(VALIDATION_TEXTS)] for row in range(batch))
-        batches.append(ValidationBatch.of(texts, tokenize(tokenizer, spec, list(texts), sequence)))
+        chosen = [examples[(index + row) % len(examples)] for row in range(batch)]
+        batches.append(encode_batch(tokenizer, spec, task, chosen, sequence))
     return batches
 
 
@@ -194,7 +267,7 @@ def compare_output(
     """One output at one shape: differences over real positions, plus the task metric on the metric output."""
     if candidate.shape != reference.shape:
         return ParityRow(variant, name, batch.shape, float("inf"), float("inf"), "", None, False,
-                         f"shape {candidate.shape} != reference {reference.shape}", batch.texts[0])
+                         f"shape {candidate.shape} != reference {reference.shape}", label(batch.texts[0]))
     diff = np.abs(candidate.astype(np.float64) - reference.astype(np.float64))
     scale = np.abs(reference.astype(np.float64))
     sequence_axis = spec.tensor(name).axis(SEQUENCE)
@@ -204,27 +277,79 @@ def compare_output(
     per_row = diff.reshape(len(diff), -1).max(axis=1)
     max_abs = float(per_row.max())
     max_rel = max_abs / max(float(scale.max()), 1e-12)
-    worst_text = batch.texts[int(per_row.argmax())]
+    worst_text = label(batch.texts[int(per_row.argmax())])
     reasons = []
     if not np.isfinite(candidate).all():
         reasons.append("non-finite values")
     if max_abs > tolerances.max_abs:
         reasons.append(f"max |Δ| {max_abs:.3g} > {tolerances.max_abs:g}")
     metric, value = "", None
-    if name == task.metric_output:
+    if name == task.metric_output and task.metric != "span":  # the span metric reads two outputs: compare_outputs
         metric = task.metric
         if metric == "cosine":
             cosines = _cosines(reference, candidate)
             value = float(cosines.min())
-            worst_text = batch.texts[int(cosines.argmin())] if value < tolerances.min_cosine else worst_text
+            worst_text = label(batch.texts[int(cosines.argmin())]) if value < tolerances.min_cosine else worst_text
             if value < tolerances.min_cosine:
                 reasons.append(f"cosine {value:.6f} < {tolerances.min_cosine}")
         else:
-            value = float((reference.argmax(-1) == candidate.argmax(-1)).mean())
+            equal = reference.argmax(-1) == candidate.argmax(-1)
+            if metric == "token-argmax":  # per real token
+                real = batch.mask.astype(bool)
+                value = float(equal[real].mean()) if real.any() else 1.0
+            else:
+                value = float(equal.mean())
             if value < tolerances.min_argmax_agreement:
                 reasons.append(f"argmax agreement {value:.3f} < {tolerances.min_argmax_agreement}")
     return ParityRow(variant, name, batch.shape, max_abs, max_rel, metric, value, not reasons, "; ".join(reasons),
                      worst_text)
+
+
+SPAN = "best span"  # the row of the span metric, over the start and end logits
+
+
+def best_spans(start: np.ndarray, end: np.ndarray, context: np.ndarray) -> np.ndarray:
+    """(batch, 2): per row the (start, end) token of the best answer inside the context, as transformers' QA
+    pipeline picks it: the largest start + end score with start <= end < start + MAX_ANSWER_TOKENS."""
+    spans = np.zeros((len(start), 2), np.int64)
+    for row in range(len(start)):
+        inside = context[row].astype(bool)
+        if not inside.any():
+            spans[row] = (-1, -1)
+            continue
+        scores = start[row][:, None].astype(np.float64) + end[row][None, :]
+        length = len(inside)
+        allowed = np.triu(np.ones((length, length), bool)) & ~np.triu(np.ones((length, length), bool),
+                                                                       MAX_ANSWER_TOKENS)
+        allowed &= inside[:, None] & inside[None, :]
+        spans[row] = np.unravel_index(np.where(allowed, scores, -np.inf).argmax(), scores.shape)
+    return spans
+
+
+def span_row(variant: str, task: "Task", batch: ValidationBatch, reference: Outputs, candidate: Outputs,
+             tolerances: Tolerances) -> ParityRow:
+    """The share of rows whose best answer span (`best_spans` over the context) is the reference's."""
+    start, end = (output.name for output in task.outputs)
+    if batch.context is None:
+        raise PackagerError("the span metric needs the batch's context tokens (a pair task's batch)")
+    expected = best_spans(reference[start], reference[end], batch.context)
+    got = best_spans(candidate[start], candidate[end], batch.context)
+    equal = (expected == got).all(axis=1)
+    value = float(equal.mean())
+    passed = value >= tolerances.min_argmax_agreement
+    reason = "" if passed else f"best span agreement {value:.3f} < {tolerances.min_argmax_agreement}"
+    worst = label(batch.texts[int(equal.argmin())])
+    return ParityRow(variant, SPAN, batch.shape, 0.0, 0.0, "span", value, passed, reason, worst)
+
+
+def compare_outputs(variant: str, task: "Task", spec: IOSpec, batch: ValidationBatch, reference: Outputs,
+                    candidate: Outputs, tolerances: Tolerances) -> list[ParityRow]:
+    """Every output of `candidate` at one shape (compare_output), plus the best-span row of a span task."""
+    rows = [compare_output(variant, task, spec, name, batch, reference[name], candidate[name], tolerances)
+            for name in spec.output_names if name in candidate]
+    if task.metric == "span" and all(output.name in candidate for output in task.outputs):
+        rows.append(span_row(variant, task, batch, reference, candidate, tolerances))
+    return rows
 
 
 @dataclass(frozen=True)
@@ -256,7 +381,8 @@ class InvarianceReport:
         if self.passed:
             return ""
         worst = max(self.rows, key=lambda row: row.max_abs)
-        text = worst.worst_text if len(worst.worst_text) <= 40 else worst.worst_text[:37] + "..."
+        text = label(worst.worst_text)
+        text = text if len(text) <= 40 else text[:37] + "..."
         return (f"'{worst.output}' of {text!r} alone vs {worst.layout}: max |Δ| {worst.max_abs:.3g} > "
                 f"{self.tolerance:g} (answers depend on batch mates)")
 
@@ -269,15 +395,15 @@ class BatchLayout:
     batch: ValidationBatch
 
 
-def invariance_layouts(tokenizer: "PreTrainedTokenizerBase", spec: IOSpec, profile: Profile) -> tuple[
-        list[ValidationBatch], list[BatchLayout]]:
-    """Every validation text alone (padded to its own length), and mixed-length batches of them padded longer:
-    to the longest text in the batch, to the profile's max sequence, and short texts to the opt sequence."""
-    texts = list(VALIDATION_TEXTS)
+def invariance_layouts(tokenizer: "PreTrainedTokenizerBase", spec: IOSpec, profile: Profile,
+                       task: "Task | None" = None) -> tuple[list[ValidationBatch], list[BatchLayout]]:
+    """Every validation example alone (padded to its own length), and mixed-length batches of them padded longer:
+    to the longest example in the batch, to the profile's max sequence, and short examples to the opt sequence."""
+    texts = list(validation_examples(task))
     limit = profile.sequence.max
-    lengths = {text: max(profile.sequence.min, len(tokenizer(text, truncation=True, max_length=limit)["input_ids"]))
-               for text in texts}
-    alone = [ValidationBatch.of([text], tokenize(tokenizer, spec, [text], lengths[text])) for text in texts]
+    lengths = {text: max(profile.sequence.min, count)
+               for text, count in zip(texts, token_lengths(tokenizer, task, texts, limit))}
+    alone = [encode_batch(tokenizer, spec, task, [text], lengths[text]) for text in texts]
     short = [text for text in texts if lengths[text] <= profile.sequence.opt]
     plans = [
         ("a batch padded to its longest text", texts, max(lengths.values())),
@@ -289,7 +415,7 @@ def invariance_layouts(tokenizer: "PreTrainedTokenizerBase", spec: IOSpec, profi
         for start in range(0, len(members), profile.batch.max):  # batches the profile accepts
             chunk = members[start:start + profile.batch.max]
             if chunk and length >= max(lengths[text] for text in chunk):
-                layouts.append(BatchLayout(name, ValidationBatch.of(chunk, tokenize(tokenizer, spec, chunk, length))))
+                layouts.append(BatchLayout(name, encode_batch(tokenizer, spec, task, chunk, length)))
     return alone, layouts
 
 
@@ -307,11 +433,8 @@ class Validator:
         tolerances = tolerances or self.tolerances
         rows = []
         for batch, reference in zip(self.batches, self.references):
-            outputs = candidate(batch.inputs)
-            rows += [
-                compare_output(variant, self.task, self.spec, name, batch, reference[name], outputs[name], tolerances)
-                for name in self.spec.output_names
-            ]
+            rows += compare_outputs(variant, self.task, self.spec, batch, reference, candidate(batch.inputs),
+                                    tolerances)
         return ParityReport(variant, tuple(rows))
 
     def check_invariance(self, variant: str, candidate: Runner, tolerances: Tolerances) -> InvarianceReport:
@@ -325,7 +448,7 @@ class Validator:
                 for name in self.spec.output_names:
                     difference = batch_difference(self.spec, name, single, answer[name], together[name], row)
                     if not difference <= worst[name].max_abs:
-                        worst[name] = InvarianceRow(name, difference, text, layout.name)
+                        worst[name] = InvarianceRow(name, difference, label(text), layout.name)
         return InvarianceReport(variant, tuple(worst.values()), tolerances.max_invariance)
 
 

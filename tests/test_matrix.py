@@ -21,7 +21,7 @@ import pytest
 pytest.importorskip("pytriton", reason="the local launcher needs nvidia-pytriton")
 
 from packager import validate
-from packager.recipe import model_positions
+from packager.recipe import PAIR_TASKS, model_positions
 from packager.triton.checks import Checks
 from packager.triton.client import PROTOCOLS, connection
 from packager.triton.discovery import Role, load_servable
@@ -39,7 +39,17 @@ MATRIX: tuple[tuple[str, str], ...] = (
     ("roberta", "sequence-classification"),
     ("deberta-v3", "sequence-classification"),
     ("modernbert", "sequence-classification"),
+    ("bert", "token-classification"),
+    ("roberta", "token-classification"),
+    ("xlm-roberta", "token-classification"),
+    ("bert", "question-answering"),
+    ("distilbert", "question-answering"),
+    ("roberta", "question-answering"),
+    ("bert", "text-pair-classification"),
+    ("xlm-roberta", "text-pair-classification"),
+    ("deberta-v3", "text-pair-classification"),
 )
+PAIR_PROFILE = {"batch": [1, 2, 4], "sequence": [16, 24, 32]}  # room for a question: it is never truncated
 
 
 @dataclass(frozen=True)
@@ -51,7 +61,7 @@ class Cell:
     published: Published
     target: str
     rows: tuple[SmokeRow, ...]
-    parity: tuple[validate.ParityRow, ...]  # the ensemble's answers to VALIDATION_TEXTS against the reference
+    parity: tuple[validate.ParityRow, ...]  # the ensemble's answers to the task's examples against the reference
     configs: dict[str, str]  # model -> its config.pbtxt as served
     seconds: float  # write, build, publish, load, check and unload
 
@@ -88,7 +98,7 @@ def _serve_cell(server, repository: Path, published: Published, target: str) -> 
     served = [found[row.model] for row in rows if row.status is CheckStatus.PASS]
     reference, model = published.reference, found[ensemble]
     assert model.gate is not None, f"{ensemble} has no gate in its manifest"
-    texts, step = validate.VALIDATION_TEXTS, reference.profile.batch.max
+    texts, step = reference.examples, reference.profile.batch.max
     try:
         with connection(PROTOCOLS["http"], server) as client:
             checks = Checks(client, reference, served)
@@ -98,9 +108,8 @@ def _serve_cell(server, repository: Path, published: Published, target: str) -> 
             for chunk in (tuple(texts[i:i + step]) for i in range(0, len(texts), step)):
                 batch = reference.tokenize(chunk)
                 answer = client.infer(ensemble, model.text_request(chunk), model.output_names)
-                parity += [validate.compare_output("served", reference.task, reference.spec, name, batch,
-                                                   reference.answer(chunk)[name], answer[name], model.gate)
-                           for name in reference.spec.output_names]
+                parity += validate.compare_outputs("served", reference.task, reference.spec, batch,
+                                                   reference.answer(chunk), answer, model.gate)
     finally:
         unload_models(server, [ensemble, *(name for name in published.models if name != ensemble)])
         configs = {name: (repository / name / "config.pbtxt").read_text() for name in published.models}
@@ -122,7 +131,9 @@ def matrix_cell(request, tmp_path_factory, live_server, live_repository):
             started = time.monotonic()
             name = f"m_{family.replace('-', '_')}_{task.split('-')[0]}"
             folder = write_tiny(family, task, tmp_path_factory.mktemp(name))
-            recipe = tiny_recipe(folder, task=task, name=name, serving={"targets": [target]})
+            pairs = task in PAIR_TASKS
+            recipe = tiny_recipe(folder, task=task, name=name, serving={"targets": [target]},
+                                 **({"profile": PAIR_PROFILE} if pairs else {}))
             published = publish_recipe(recipe, tmp_path_factory.mktemp("build"), live_repository)
             rows, parity, configs = _serve_cell(live_server, live_repository, published, target)
             cells[family, task] = Cell(family, task, published, target, rows, parity, configs,

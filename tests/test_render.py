@@ -219,6 +219,7 @@ def test_tokenizer_model_ships_tokenizer_json_and_how_to_encode_like_the_source(
         "pad_values": {"input_ids": tiny.tokenizer.pad_token_id, "token_type_ids": 0, "attention_mask": 0},
         "padding_side": "right",
         "truncation_side": "right",
+        "truncation_strategy": "longest_first",
         "split_special_tokens": False,
     }
     served = Tokenizer.from_str(files[f"{render.TOKENIZER_FOLDER}/tokenizer.json"].decode())

@@ -150,7 +150,8 @@ def write_tiny(family: str, task: str, folder: Path, seed: int = 0, **config) ->
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = tokenizer_for(family)
     tokenizer.save_pretrained(folder)
-    config = getattr(transformers, spec.config_class)(vocab_size=len(tokenizer), num_labels=LABELS,
+    labels = 2 if task == "question-answering" else LABELS  # extractive QA: a start and an end score
+    config = getattr(transformers, spec.config_class)(vocab_size=len(tokenizer), num_labels=labels,
                                                       **{**spec.config(tokenizer), **config})
     torch.manual_seed(seed)
     TASKS[task].auto_class.from_config(config).eval().save_pretrained(folder)

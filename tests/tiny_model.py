@@ -24,7 +24,10 @@ CHARACTERS = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-:()=_") + [
 def write_tiny_bert(folder: Path, task: str = "embeddings", seed: int = 0) -> Path:
     """Write a 2-layer, 32-wide BERT (random weights) with its tokenizer into `folder`."""
     import torch  # here, not at the top: publisher processes import this module for sample_release only
-    from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast
+    from transformers import (
+        BertConfig, BertForQuestionAnswering, BertForSequenceClassification, BertForTokenClassification, BertModel,
+        BertTokenizerFast,
+    )
 
     folder.mkdir(parents=True, exist_ok=True)
     vocab = folder / "vocab.txt"
@@ -32,10 +35,16 @@ def write_tiny_bert(folder: Path, task: str = "embeddings", seed: int = 0) -> Pa
     BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True).save_pretrained(folder)
     config = BertConfig(
         vocab_size=len(vocab.read_text().split()), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=128, num_labels=3,
+        intermediate_size=64, max_position_embeddings=128, num_labels=2 if task == "question-answering" else 3,
     )
     torch.manual_seed(seed)
-    model_class = BertForSequenceClassification if task == "sequence-classification" else BertModel
+    model_class = {
+        "embeddings": BertModel,
+        "sequence-classification": BertForSequenceClassification,
+        "text-pair-classification": BertForSequenceClassification,
+        "token-classification": BertForTokenClassification,
+        "question-answering": BertForQuestionAnswering,
+    }[task]
     model_class(config).eval().save_pretrained(folder)
     return folder
 

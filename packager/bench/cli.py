@@ -15,6 +15,8 @@ from packager.errors import UsageError
 from packager.recipe import load_recipe
 from packager.triton import PROTOCOL_NAMES
 
+BENCH_TASKS = ("embeddings", "sequence-classification")  # single-text tasks: the bench's workloads are texts
+
 DESCRIPTION = packager.bench.__doc__.splitlines()[0]
 
 SERVING_LAUNCHERS = ("local", "docker")  # launchers that serve the repository the bench publishes (not `url`)
@@ -93,6 +95,9 @@ def run(args: argparse.Namespace) -> int:
 
     options = options_from_args(args)
     recipe = load_recipe(args.model, args.task)
+    if recipe.task not in BENCH_TASKS:
+        raise UsageError(f"packager bench is not supported for task {recipe.task} (its workloads are single texts): "
+                         f"it measures {', '.join(BENCH_TASKS)}")
     report = benchmark(recipe, options)
     paths = report.write(options.reports_root / recipe.name)
     say("\n" + report.in_process_table())

@@ -28,7 +28,7 @@ from packager.record import Gate, LevelRecord, OptimizeRecord
 from packager.recipe import LEVEL_DEVICES, Recipe, check_levels
 from packager.source import LoadedModel
 from packager.tasks import Task
-from packager.validate import InvarianceReport, ParityReport, Validator, onnxruntime_runner
+from packager.validate import SPAN, InvarianceReport, ParityReport, Validator, onnxruntime_runner
 
 # Known speed order per device, fastest first (CPU: see the README's optimization table, measured by make bench).
 SPEED_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("int8", "fused", "plain"), "gpu": ("fp16", "fused", "plain")}
@@ -88,7 +88,8 @@ class OptimizeResult:
 
     def table(self) -> str:
         """Every level side by side: gate, worst differences per output, the task metric, invariance, fusions."""
-        outputs = list(dict.fromkeys(row.output for r in self.levels if r.parity for row in r.parity.rows))
+        outputs = list(dict.fromkeys(row.output for r in self.levels if r.parity for row in r.parity.rows
+                                     if row.output != SPAN))  # the span row is a metric, no difference
         rows = []
         for result in self.levels:
             summary = result.parity.outputs() if result.parity else {}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 
-from packager.validate import VALIDATION_TEXTS
+from packager.validate import VALIDATION_TEXTS, Example
 
 SUBJECTS = ["The engineer", "A small child", "My neighbour", "The committee", "Our server", "The old dog", "A tourist",
             "The pilot", "This library", "The orchestra", "A nurse", "The startup", "Her grandmother", "The robot",
@@ -117,3 +117,18 @@ def calibration_texts(count: int = 320, seed: int = 20261130) -> list[str]:
     if overlap or not all(text.strip() for text in texts):
         raise AssertionError(f"calibration texts overlap the validation texts or are empty: {sorted(overlap)}")
     return texts
+
+
+QUESTION_WORDS = 4  # a calibration question: the first words of a text
+
+
+def calibration_examples(pairs: bool, questions: bool) -> list[Example]:
+    """The calibration set as a task takes it: texts, pairs of neighbouring texts, or (question, context) pairs
+    whose question is the first words of a text, so both segments of a pair are calibrated."""
+    texts = calibration_texts()
+    if not pairs:
+        return texts
+    firsts, seconds = texts[0::2], texts[1::2]
+    if questions:
+        firsts = [" ".join(text.split()[:QUESTION_WORDS]).rstrip("?.!,") + "?" for text in firsts]
+    return list(zip(firsts, seconds))

@@ -30,9 +30,9 @@ from onnx import helper, numpy_helper
 from packager.cpu import cpu_class
 from packager.errors import PackagerError, first_line
 from packager.optimize.base import LevelGraph, LevelInputs
-from packager.optimize.calibration import calibration_texts
+from packager.optimize.calibration import calibration_examples, calibration_texts
 from packager.optimize.int8_plan import NodePlan, capture, plan_node, weight_codes
-from packager.validate import ParityReport, onnxruntime_runner, tokenize
+from packager.validate import ParityReport, onnxruntime_runner, token_lengths, tokenize
 
 MS_DOMAIN = "com.microsoft"
 INT8_OPS = ("MatMul", "Attention")
@@ -136,13 +136,14 @@ def feed_forward_matmuls(model: onnx.ModelProto) -> tuple[str, ...]:
 
 def _calibration_batches(inputs: LevelInputs) -> list[dict[str, np.ndarray]]:
     """The calibration texts sorted by length, in batches padded to their longest (truncated at the profile's max)."""
-    tokenizer, spec = inputs.loaded.tokenizer, inputs.exported.spec
+    tokenizer, spec, task = inputs.loaded.tokenizer, inputs.exported.spec, inputs.task
     limit = max(batch.sequence for batch in inputs.validator.batches)  # the profile's max: the truncation length
-    texts = calibration_texts()
-    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=limit)["input_ids"]]
-    ordered = sorted(zip(lengths, texts), key=lambda pair: pair[0])
+    texts = calibration_examples(task.pairs, task.truncation == "only_second")
+    lengths = token_lengths(tokenizer, task, texts, limit)
+    ordered = sorted(zip(lengths, range(len(texts))))
     chunks = [ordered[start:start + CALIBRATION_BATCH] for start in range(0, len(ordered), CALIBRATION_BATCH)]
-    return [tokenize(tokenizer, spec, [text for _, text in chunk], chunk[-1][0]) for chunk in chunks]
+    return [tokenize(tokenizer, spec, [texts[index] for _, index in chunk], chunk[-1][0], task.truncation)
+            for chunk in chunks]
 
 
 def _mask_input(inputs: LevelInputs) -> str | None:

@@ -10,6 +10,7 @@ Triton's errors while the server stays healthy.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import threading
 from collections.abc import Callable, Sequence
@@ -22,17 +23,16 @@ from packager import validate
 from packager.errors import PackagerError
 from packager.iospec import BATCH
 from packager.recipe import Tolerances
+from packager.render import ENTITIES_OUTPUT
 from packager.triton.client import Client, error_text, infer_at_once
 from packager.triton.discovery import Model, Role
 from packager.triton.reference import Reference
 from packager.triton.rows import CheckStatus, SmokeRow
-from packager.validate import Inputs, ValidationBatch
+from packager.validate import Example, Inputs, ValidationBatch
 
 CONCURRENT_REQUESTS = 8  # one text each, sent from this many threads at once
 JOIN_ATTEMPTS = 3  # rounds of concurrent requests before "the batcher never joined them" is a failure
 UNKNOWN_PROMPT = "no-such-prompt"
-LONG_TEXT = max(validate.VALIDATION_TEXTS, key=len)
-NON_ASCII_TEXTS = tuple(text for text in validate.VALIDATION_TEXTS if not text.isascii())
 
 
 def _gate(model: Model) -> Tolerances:
@@ -42,14 +42,17 @@ def _gate(model: Model) -> Tolerances:
     return model.gate
 
 
-def _text_cases(max_batch_size: int) -> dict[str, tuple[str, ...]]:
-    """Batch 1, a full batch of mixed lengths, truncation, non-ASCII: the requests every served model answers."""
-    texts, max_batch = validate.VALIDATION_TEXTS, max(max_batch_size, 1)
+def _text_cases(examples: tuple[Example, ...], max_batch_size: int) -> dict[str, tuple[Example, ...]]:
+    """Batch 1, a full batch of mixed lengths, truncation, non-ASCII: the requests every served model answers
+    (`examples`: the task's texts or pairs)."""
+    max_batch = max(max_batch_size, 1)
+    longest = max(examples, key=lambda example: len(validate.label(example)))
+    non_ascii = tuple(example for example in examples if not validate.label(example).isascii())
     return {
-        "batch 1": texts[:1],
-        f"batch {max_batch}, mixed lengths": tuple(texts[i % len(texts)] for i in range(max_batch)),
-        "longer than max sequence": (LONG_TEXT,),
-        "non-ASCII": NON_ASCII_TEXTS[:max_batch],
+        "batch 1": examples[:1],
+        f"batch {max_batch}, mixed lengths": tuple(examples[i % len(examples)] for i in range(max_batch)),
+        "longer than max sequence": (longest,),
+        "non-ASCII": non_ascii[:max_batch],
     }
 
 
@@ -118,15 +121,24 @@ class Checks:
         outputs = {t.name: (t.triton_type, t.triton_dims(BATCH)) for t in self.reference.spec.outputs}
         if model.role is Role.MODEL:
             return {"inputs": spec, "outputs": outputs}
-        text = {model.text_input.name: ("TYPE_STRING", list(model.text_input.dims))}
+        text = {tensor.name: ("TYPE_STRING", list(tensor.dims)) for tensor in model.text_inputs}
+        if model.role is Role.ENTITIES:  # the ensemble takes text; its python step, text and the task's logits
+            logits = self.reference.task.metric_output
+            step = {} if model.config.platform == "ensemble" else {logits: outputs[logits]}
+            return {"inputs": {**text, **step}, "outputs": {ENTITIES_OUTPUT: ("TYPE_STRING", [1])}}
         return {"inputs": text, "outputs": spec if model.role is Role.TOKENIZER else outputs}
 
     # -- answers
 
     def answers(self, model: Model) -> list[SmokeRow]:
-        cases = _text_cases(model.max_batch_size)
+        cases = _text_cases(self.reference.examples, model.max_batch_size)
         if model.role is Role.TOKENIZER:
             return [self.attempt("tokens = HF tokenizer", model.name, self.tokens, model, cases)]
+        if model.role is Role.ENTITIES:  # the python step is checked through its ensemble
+            if model.config.platform != "ensemble":
+                return []
+            return [self.attempt(f"entities = transformers pipeline: {case}", model.name, self.entities, model, texts)
+                    for case, texts in cases.items()]
         label = "text → PyTorch" if model.role is Role.ENSEMBLE else "tokens → PyTorch"
         rows = [
             self.attempt(f"{label}: {case}", model.name, self.answer, model, texts) for case, texts in cases.items()
@@ -136,10 +148,27 @@ class Checks:
                      for name in self.reference.prompts]
         return rows
 
-    def answer(self, model: Model, texts: Sequence[str]) -> tuple[bool, str]:
+    def answer(self, model: Model, texts: Sequence[Example]) -> tuple[bool, str]:
         batch = self.reference.tokenize(texts)
         served = self.client.infer(model.name, self._inputs(model, batch), model.output_names)
         return self.reference.compare(batch, self.reference.answer(texts), served, _gate(model))
+
+    def entities(self, model: Model, texts: Sequence[str]) -> tuple[bool, str]:
+        """The served entity groups against transformers' token-classification pipeline on the same texts: the same
+        groups, words and character offsets, scores within the gate's max_abs (at least 1e-4)."""
+        served = self.client.infer(model.name, model.text_request(texts), [ENTITIES_OUTPUT])[ENTITIES_OUTPUT]
+        expected = self.reference.entities(texts)
+        tolerance = max(_gate(model).max_abs, 1e-4)
+        count = 0
+        for text, answer, wanted in zip(texts, served.reshape(-1), expected):
+            groups = json.loads(answer)
+            if _spans(groups) != _spans(wanted):
+                return False, f"{text[:40]!r}: served {_spans(groups)}, the pipeline {_spans(wanted)}"
+            worst = max((abs(g["score"] - w["score"]) for g, w in zip(groups, wanted)), default=0.0)
+            if not worst <= tolerance:
+                return False, f"{text[:40]!r}: entity score |Δ| {worst:.3g} > {tolerance:g}"
+            count += len(groups)
+        return True, f"{len(texts)} texts, {count} entities as the pipeline groups them"
 
     def prompted(self, model: Model, prompt_name: str) -> tuple[bool, str]:
         """Texts sent with the request parameter prompt_name: the served tokenizer prepends that prompt."""
@@ -152,14 +181,14 @@ class Checks:
     def unknown_prompt(self, model: Model) -> tuple[bool, str]:
         """A prompt_name the model does not have is refused, naming the prompts it has."""
         try:
-            self.client.infer(model.name, model.text_request(validate.VALIDATION_TEXTS[:1]), model.output_names,
+            self.client.infer(model.name, model.text_request(self.reference.examples[:1]), model.output_names,
                               parameters={"prompt_name": UNKNOWN_PROMPT})
         except InferenceServerException as error:
             message = error_text(error)
             return f"unknown prompt_name '{UNKNOWN_PROMPT}'" in message, message
         return False, "Triton accepted the request"
 
-    def tokens(self, model: Model, cases: dict[str, tuple[str, ...]]) -> tuple[bool, str]:
+    def tokens(self, model: Model, cases: dict[str, tuple[Example, ...]]) -> tuple[bool, str]:
         for case, texts in cases.items():
             expected = self.reference.tokenize(texts).inputs
             served = self.client.infer(model.name, model.text_request(texts), model.output_names)
@@ -182,7 +211,8 @@ class Checks:
         Otherwise such a step joins only the equal shapes that happen to arrive one after another: what it joined
         is reported, not required.
         """
-        texts = [validate.VALIDATION_TEXTS[i % len(validate.VALIDATION_TEXTS)] for i in range(CONCURRENT_REQUESTS)]
+        examples = self.reference.examples
+        texts = [examples[i % len(examples)] for i in range(CONCURRENT_REQUESTS)]
         batches = self._single_batches(model, texts)
         requests = [self._inputs(model, batch) for batch in batches]
         expected = [self.reference.runner(batch) for batch in batches]  # the reference at each request's padding
@@ -198,7 +228,7 @@ class Checks:
                 if passed:
                     passed, detail = self.reference.compare(batch, reference, many, _gate(model))
                 if not passed:
-                    return False, f"{batch.texts[0][:40]!r}: {detail}"
+                    return False, f"{validate.label(batch.texts[0])[:40]!r}: {detail}"
             if batcher is None:
                 return True, f"{len(requests)} requests, same answers (no dynamic batcher here can join them)"
             after = self.client.batch_counts(batcher.name)
@@ -210,14 +240,15 @@ class Checks:
                               "only, and the requests' padded lengths differ)")
         return False, f"same answers, but {batcher.name} never joined requests in {JOIN_ATTEMPTS} rounds"
 
-    def _single_batches(self, model: Model, texts: list[str]) -> list[ValidationBatch]:
+    def _single_batches(self, model: Model, texts: list[Example]) -> list[ValidationBatch]:
         """One batch per text: at its own length when the model takes ragged batches, else all at one length."""
         if model.role is Role.ENSEMBLE or model.ragged:
             return [self.reference.tokenize([text]) for text in texts]
         joint = self.reference.tokenize(texts)
         rows = [{name: values[i : i + 1] for name, values in joint.inputs.items()} for i in range(len(texts))]
         return [
-            ValidationBatch(1, joint.sequence, (text,), inputs, joint.mask[i : i + 1])
+            ValidationBatch(1, joint.sequence, (text,), inputs, joint.mask[i : i + 1],
+                            None if joint.context is None else joint.context[i : i + 1])
             for i, (text, inputs) in enumerate(zip(texts, rows))
         ]
 
@@ -232,7 +263,7 @@ class Checks:
 
     def bad_requests(self, model: Model) -> list[SmokeRow]:
         """Each bad request made from a valid one; Triton must refuse it with its error for that mistake."""
-        valid = self._inputs(model, self.reference.tokenize(validate.VALIDATION_TEXTS[:1]))
+        valid = self._inputs(model, self.reference.tokenize(self.reference.examples[:1]))
         rows = []
         for check, bad in BAD_REQUESTS.items():
             inputs, pattern = bad.make(model, valid), bad.pattern(model, valid)
@@ -247,7 +278,7 @@ class Checks:
         if not models:
             return SmokeRow(check, self.client.wire.name, "-", CheckStatus.SKIP, "no model served")
         unknown = dataclasses.replace(models[0], name=f"{models[0].name}_no_such_model")
-        valid = self._inputs(models[0], self.reference.tokenize(validate.VALIDATION_TEXTS[:1]))
+        valid = self._inputs(models[0], self.reference.tokenize(self.reference.examples[:1]))
         return self.attempt(check, unknown.name, self.refused, unknown, valid, "unknown model")
 
     def refused(self, model: Model, inputs: Inputs, expected: str) -> tuple[bool, str]:
@@ -261,7 +292,7 @@ class Checks:
     def healthy(self, model: Model) -> tuple[bool, str]:
         if not (self.client.is_server_ready() and self.client.is_model_ready(model.name)):
             return False, "server or model not ready after the bad requests"
-        passed, detail = self.answer(model, validate.VALIDATION_TEXTS[:1])
+        passed, detail = self.answer(model, self.reference.examples[:1])
         return passed, f"ready; answers as before ({detail})" if passed else detail
 
 
@@ -317,6 +348,11 @@ def _same(expected: dict, found: dict) -> tuple[bool, str]:
     if differences:
         return False, "; ".join(differences)
     return True, ", ".join(f"{len(expected[kind])} {kind}" for kind in ("inputs", "outputs")) + " as the IO spec says"
+
+
+def _spans(groups: list[dict]) -> list[tuple]:
+    """Entity groups without their scores: (entity_group, word, start, end)."""
+    return [(group["entity_group"], group["word"], group["start"], group["end"]) for group in groups]
 
 
 def _describe(tensor: tuple[str, list[int]] | None) -> str:

@@ -34,6 +34,7 @@ class Role(Enum):
     ENSEMBLE = "ensemble"  # text in, the model's outputs out
     TOKENIZER = "tokenizer"  # text in, token tensors out
     MODEL = "model"  # token tensors in, outputs out
+    ENTITIES = "entities"  # text out: entity spans ([serving] entities), its ensemble and its python step
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,8 @@ class Model:
 
     @property
     def role(self) -> Role:
+        if any(t.data_type == model_config_pb2.TYPE_STRING for t in self.config.output):
+            return Role.ENTITIES
         if self.config.platform == "ensemble":
             return Role.ENSEMBLE
         texts = [t for t in self.config.input if t.data_type == model_config_pb2.TYPE_STRING]
@@ -64,12 +67,18 @@ class Model:
         return [step.model_name for step in self.config.ensemble_scheduling.step]
 
     @property
-    def text_input(self) -> model_config_pb2.ModelInput:
-        return next(t for t in self.config.input if t.data_type == model_config_pb2.TYPE_STRING)
+    def text_inputs(self) -> list[model_config_pb2.ModelInput]:
+        """The text inputs in config order: one, or a pair (text, text_pair / question, context)."""
+        return [t for t in self.config.input if t.data_type == model_config_pb2.TYPE_STRING]
 
-    def text_request(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
-        """The inputs of a request of `texts` to this model's text input (one text per batch row)."""
-        return {self.text_input.name: np.array([[text.encode()] for text in texts], dtype=object)}
+    def text_request(self, texts: Sequence[str | tuple[str, ...]]) -> dict[str, np.ndarray]:
+        """The inputs of a request of `texts` (one text, or one pair, per batch row) to this model's text inputs."""
+        rows = [(text,) if isinstance(text, str) else tuple(text) for text in texts]
+        if any(len(row) != len(self.text_inputs) for row in rows):
+            names = [t.name for t in self.text_inputs]
+            raise UsageError(f"{self.name} takes {len(names)} text(s) per row ({', '.join(names)})")
+        return {tensor.name: np.array([[row[index].encode()] for row in rows], dtype=object)
+                for index, tensor in enumerate(self.text_inputs)}
 
     @property
     def output_names(self) -> list[str]:

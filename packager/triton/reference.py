@@ -3,18 +3,20 @@ and the Hugging Face tokenizer's tokens for the texts it sends."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
 from packager import source, validate
+from packager.errors import PackagerError
 from packager.iospec import IOSpec
 from packager.recipe import Profile, Recipe, Tolerances, padded_length
 from packager.tasks import BatchReference, Task, get_task
 from packager.triton.client import Outputs
-from packager.validate import ValidationBatch
+from packager.validate import Example, ValidationBatch
 
 
 @dataclass
@@ -33,19 +35,35 @@ class Reference:
     profile: Profile
     buckets: tuple[int, ...]  # the served tokenizer's length buckets (empty: padded to the longest text)
     prompts: dict[str, str] = field(default_factory=dict)  # sentence-transformers prompts by name (embeddings)
+    # [serving] entities: transformers' pipeline("token-classification", aggregation_strategy="simple"), truncating
+    # at the profile's max sequence as the served tokenizer does
+    entity_pipeline: Callable[[list[str]], list[list[dict]]] | None = None
     _answers: dict[tuple[str, ...], Outputs] = field(default_factory=dict, init=False, repr=False)
 
     @classmethod
     def of(cls, recipe: Recipe, spec: IOSpec, loaded: source.LoadedModel) -> "Reference":
         task = get_task(recipe.task)
+        pipeline = _entity_pipeline(loaded, recipe.profile.sequence.max) if recipe.serving.entities else None
         return cls(task, spec, loaded.tokenizer, task.reference(loaded, spec), recipe.profile,
-                   recipe.serving.buckets(recipe.profile), dict(loaded.modules.prompts) if loaded.modules else {})
+                   recipe.serving.buckets(recipe.profile), dict(loaded.modules.prompts) if loaded.modules else {},
+                   pipeline)
 
-    def tokenize(self, texts: Sequence[str]) -> ValidationBatch:
+    @property
+    def examples(self) -> tuple[Example, ...]:
+        """The task's validation examples: texts, or pairs."""
+        return validate.validation_examples(self.task)
+
+    def tokenize(self, texts: Sequence[Example]) -> ValidationBatch:
         sequence = self.profile.sequence
-        lengths = self.tokenizer(list(texts), truncation=True, max_length=sequence.max)["input_ids"]
-        length = padded_length(max(map(len, lengths)), sequence.min, self.buckets)
-        return ValidationBatch.of(texts, validate.tokenize(self.tokenizer, self.spec, list(texts), length))
+        lengths = validate.token_lengths(self.tokenizer, self.task, list(texts), sequence.max)
+        length = padded_length(max(lengths), sequence.min, self.buckets)
+        return validate.encode_batch(self.tokenizer, self.spec, self.task, list(texts), length)
+
+    def entities(self, texts: Sequence[str]) -> list[list[dict]]:
+        """The pipeline's entity groups of each text."""
+        if self.entity_pipeline is None:
+            raise PackagerError("the recipe serves no entities ([serving] entities = false)")
+        return self.entity_pipeline(list(texts))
 
     def prompted(self, texts: Sequence[str], prompt_name: str) -> tuple[ValidationBatch, Outputs]:
         """The tokens of the prompted texts, and the reference's answer for `texts` with that prompt (its own
@@ -53,7 +71,7 @@ class Reference:
         batch = self.tokenize([self.prompts[prompt_name] + text for text in texts])
         return batch, self.runner(dataclasses.replace(batch, texts=tuple(texts)), prompt_name=prompt_name)
 
-    def answer(self, texts: Sequence[str]) -> Outputs:
+    def answer(self, texts: Sequence[Example]) -> Outputs:
         key = tuple(texts)
         if key not in self._answers:
             self._answers[key] = self.runner(self.tokenize(texts))
@@ -62,12 +80,7 @@ class Reference:
     def compare(self, batch: ValidationBatch, expected: Outputs, served: Outputs,
                 tolerances: Tolerances) -> tuple[bool, str]:
         """Every output within tolerance (validate.compare_output); the detail names the worst difference."""
-        rows = [
-            validate.compare_output(
-                "served", self.task, self.spec, name, batch, expected[name], served[name], tolerances)
-            for name in self.spec.output_names
-            if name in served
-        ]
+        rows = validate.compare_outputs("served", self.task, self.spec, batch, expected, served, tolerances)
         failed = [f"{row.output}: {row.reason}" for row in rows if not row.passed]
         if failed:
             return False, "; ".join(failed)
@@ -83,3 +96,18 @@ class Reference:
         if not worst <= tolerance:
             return False, f"{name}: alone vs joined max |Δ| {worst:.3g} > {tolerance:g}"
         return True, f"alone vs joined max |Δ| {worst:.2g}"
+
+
+def _entity_pipeline(loaded: source.LoadedModel, max_length: int) -> Callable[[list[str]], list[list[dict]]]:
+    from transformers import pipeline
+
+    tokenizer = copy.deepcopy(loaded.tokenizer)
+    tokenizer.model_max_length = max_length  # the pipeline truncates there, as the served tokenizer does
+    run = pipeline("token-classification", model=loaded.model, tokenizer=tokenizer, aggregation_strategy="simple",
+                   device="cpu")
+
+    def entities(texts: list[str]) -> list[list[dict]]:
+        answers = run(texts)
+        return [[{**group, "score": float(group["score"])} for group in groups] for groups in answers]
+
+    return entities

@@ -133,7 +133,7 @@ def _cpu_rows(served: list[Model]) -> list[SmokeRow]:
 def _check_protocol(wire: Wire, server: TritonServer, served: list[Model], reference: Reference) -> list[SmokeRow]:
     if wire.address(server) is None:
         return [SmokeRow("server ready", wire.name, "-", CheckStatus.SKIP, f"no {wire.name} address given")]
-    takes_requests = [model for model in served if model.role is not Role.TOKENIZER]
+    takes_requests = [model for model in served if model.role in (Role.ENSEMBLE, Role.MODEL)]
     with connection(wire, server) as client:
         run = Checks(client, reference, served)
         return [

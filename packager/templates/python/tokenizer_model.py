@@ -1,5 +1,9 @@
 """Triton python-backend model: texts in, the model's token tensors out (names and types from the config).
 
+One text input, or two (a pair: text and text_pair, or question and context), which are encoded with the
+tokenizer's own pair template and the truncation strategy encoding.json names (longest_first, or only_second: a
+question is never cut).
+
 Each request's texts are truncated at max_sequence_length and padded to the longest of them, at least to
 min_sequence_length, as the Hugging Face tokenizer does, then up to the next of length_buckets when the config
 lists them: requests of similar length get one shape, so a backend that batches equal shapes only can join them. encoding.json (next to this file, written by the packager
@@ -31,19 +35,27 @@ PADDED_SLICES = {  # where a row of `size` tokens goes in a padded row of `lengt
 
 
 class FastEncoder:
-    """tokenizer.json run by `tokenizers`, truncated like transformers' fast tokenizer: longest first, no stride."""
+    """tokenizer.json run by `tokenizers`, truncated like transformers' fast tokenizer (its strategy, no stride)."""
 
     def __init__(self, folder, settings, names, max_length):
         self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         self.tokenizer.no_padding()  # the file may carry the padding and truncation it was saved with
         self.tokenizer.enable_truncation(
-            max_length, stride=0, strategy="longest_first", direction=settings["truncation_side"]
+            max_length, stride=0, strategy=settings["truncation_strategy"], direction=settings["truncation_side"]
         )
         self.tokenizer.encode_special_tokens = settings["split_special_tokens"]
         self.fields = {name: settings["fields"][name] for name in names}
+        self.strategy, self.max_length = settings["truncation_strategy"], max_length
 
     def __call__(self, texts):
-        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=True)
+        """`texts`: strings, or (first, second) pairs."""
+        try:
+            encodings = self.tokenizer.encode_batch(texts, add_special_tokens=True)
+        except Exception as exc:
+            if self.strategy == "only_second":  # only the second text is cut: the first must fit
+                raise ValueError(f"a question (the first text) is longer than the {self.max_length} tokens of "
+                                 f"max_sequence_length leave ({exc})") from None
+            raise
         return {name: [getattr(e, field) for e in encodings] for name, field in self.fields.items()}
 
 
@@ -57,9 +69,11 @@ class TransformersEncoder:
         self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
         self.names = names
         self.max_length = max_length
+        self.strategy = settings["truncation_strategy"]
 
     def __call__(self, texts):
-        encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length)
+        pairs = [list(column) for column in zip(*texts)] if texts and isinstance(texts[0], tuple) else [texts]
+        encoded = self.tokenizer(*pairs, truncation=self.strategy, max_length=self.max_length)
         return {name: encoded[name] for name in self.names}
 
 
@@ -76,7 +90,7 @@ class TritonPythonModel:
         self.min_length = int(parameters["min_sequence_length"])
         self.buckets = [int(size) for size in parameters.get("length_buckets", "").split(",") if size]
         self.prompts = json.loads(parameters.get("prompts", "{}"))
-        self.text_input = config["input"][0]["name"]
+        self.text_inputs = [tensor["name"] for tensor in config["input"]]  # one text, or a pair
         self.outputs = {t["name"]: pb_utils.triton_string_to_numpy(t["data_type"]) for t in config["output"]}
         self.pad_values = {name: settings["pad_values"][name] for name in self.outputs}
         self.padded_slice = PADDED_SLICES[settings["padding_side"]]
@@ -88,9 +102,13 @@ class TritonPythonModel:
 
     def _respond(self, request):
         try:
-            values = pb_utils.get_input_tensor_by_name(request, self.text_input).as_numpy().reshape(-1)
             prompt = self._prompt(json.loads(request.parameters() or "{}").get("prompt_name"))
-            encoded = self.tokenize([prompt + (v.decode("utf-8") if isinstance(v, bytes) else str(v)) for v in values])
+            columns = [[_text(v) for v in pb_utils.get_input_tensor_by_name(request, name).as_numpy().reshape(-1)]
+                       for name in self.text_inputs]
+            if len({len(column) for column in columns}) > 1:
+                raise ValueError(f"{' and '.join(self.text_inputs)} have different numbers of rows")
+            columns[0] = [prompt + text for text in columns[0]]
+            encoded = self.tokenize(columns[0] if len(columns) == 1 else list(zip(*columns)))
             return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(n, v) for n, v in encoded.items()])
         except Exception as exc:
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"tokenizer: {exc}"))
@@ -116,3 +134,7 @@ class TritonPythonModel:
         for index, row in enumerate(rows):
             padded[index, self.padded_slice(len(row), length)] = row
         return padded
+
+
+def _text(value):
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
