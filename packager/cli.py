@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from packager.console import error, keep_log, say, table
 from packager.errors import PackagerError, first_line
 from packager.recipe import DEVICES, PRECISIONS, TARGETS, Range, Recipe, known_recipes, load_recipe
 from packager.releases import TRITON_RELEASES
+from packager.storage import is_s3, open_store
 from packager.triton import LAUNCHER_NAMES
 
 TRT_BACKENDS = ("auto", "tensorrt", "tensorrt-rtx", "none")
@@ -56,7 +58,10 @@ def _release_options(args: argparse.Namespace):
     from packager import pipeline
 
     return pipeline.ReleaseOptions(
-        repository=Path(args.repository),
+        repository=args.repository if is_s3(args.repository) else Path(args.repository),
+        s3_endpoint=args.s3_endpoint,
+        switch_wait_s=args.switch_wait,
+        servers=tuple(args.wait_ready),
         version=args.version,
         force=args.force,
         launcher=None if args.no_smoke else args.launcher,
@@ -88,11 +93,63 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     from packager.triton.discovery import published_models
     from packager.triton.reference import Reference
 
-    names, spec = published_models(args.repository, recipe.name)
-    reference = Reference.of(recipe, spec, source.load(recipe))
-    result = smoke.smoke(args.repository, reference, args.launcher, models=names, **_launcher_options(args))
+    with tempfile.TemporaryDirectory(prefix="packager-smoke-") as copy:
+        repository = args.repository
+        if is_s3(repository):  # served from a local copy of the bucket's pinned versions (the same bytes)
+            from packager import fleet
+
+            store = open_store(repository, args.s3_endpoint)
+            repository = copy
+            fleet.download(store, fleet.recipe_models(store, recipe.name), Path(copy))
+        names, spec = published_models(repository, recipe.name)
+        reference = Reference.of(recipe, spec, source.load(recipe))
+        result = smoke.smoke(repository, reference, args.launcher, models=names, **_launcher_options(args))
     say(result.summary())
     smoke.require(result)
+    return 0
+
+
+def _store(args: argparse.Namespace):
+    return open_store(args.repository, args.s3_endpoint)
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from packager import fleet
+
+    store = _store(args)
+    version = fleet.rollback(store, _recipe(args).name, args.to, args.switch_wait, args.wait_ready)
+    say(f"{store.url}: '{_recipe(args).name}' serves version {version}")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from packager import fleet
+
+    store = _store(args)
+    removed = fleet.prune(store, _recipe(args).name, args.keep)
+    for name, versions in removed.items():
+        say(f"{name}: removed {', '.join(map(str, versions)) or 'nothing'}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from packager import fleet
+
+    store = _store(args)
+    checked, problems = fleet.verify(store, _recipe(args).name, args.version)
+    if problems:
+        say(table(["model", "version", "file", "problem"], [[p.model, p.version, p.file, p.what] for p in problems]))
+        first = problems[0]
+        raise PackagerError(f"{len(problems)} problem(s) in {store.url}: {first.model}/{first.version}/{first.file} "
+                            f"{first.what}")
+    say(f"{store.url}: {checked} files match their manifests' SHA-256")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from packager import fleet
+
+    say(fleet.status_table(fleet.status(_store(args), _recipe(args).name)))
     return 0
 
 
@@ -166,7 +223,10 @@ def _build_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _repository_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repository", default=os.environ.get("PACKAGER_REPOSITORY", "model_repository"),
-                        help="Triton model repository to publish into (default: model_repository)")
+                        help="Triton model repository: a folder or s3://BUCKET/PREFIX (default: model_repository)")
+    parser.add_argument("--s3-endpoint", default=None,
+                        help="an S3-compatible endpoint URL for s3:// repositories (default: $AWS_ENDPOINT_URL, "
+                             "else AWS); credentials come from the standard AWS chain")
 
 
 def _server_arguments(parser: argparse.ArgumentParser) -> None:
@@ -189,7 +249,18 @@ def _release_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", help=f"serving targets to publish, comma-separated ({', '.join(TARGETS)}; "
                                          "default: the recipe's)")
     parser.add_argument("--no-smoke", action="store_true", help="publish without the live smoke test")
+    _switch_wait_argument(parser)
     _server_arguments(parser)
+
+
+def _switch_wait_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--switch-wait", type=float, metavar="SECONDS",
+                        help="seconds between the phases of the version switch: at least the fleet's poll interval "
+                             "plus the slowest model load (default: $PACKAGER_SWITCH_WAIT_S, else 10 for s3://, 0 for "
+                             "a folder)")
+    parser.add_argument("--wait-ready", action="append", default=[], metavar="HOST:PORT",
+                        help="a server of the fleet (HTTP); between the phases of an s3:// switch, wait until it "
+                             "reports the phase's versions ready (repeatable)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -248,6 +319,22 @@ def build_parser() -> argparse.ArgumentParser:
     built.add_argument("--sources", help="a .tgz of Triton's r24.10 sources and the ONNX Runtime C header "
                                          "(default: git clone, which needs network)")
     built.set_defaults(run=cmd_triton_backends)
+
+    for name, summary in (("rollback", "switch MODEL's models back to an older version (default: the previous)"),
+                          ("prune", "delete all but the newest versions of MODEL's models; pinned ones stay"),
+                          ("verify", "check every file of MODEL's served (or one) version against its manifest"),
+                          ("status", "MODEL's versions, which are served, and what their manifests say")):
+        command = commands.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".")
+        _model_arguments(command)
+        _repository_arguments(command)
+        if name == "rollback":
+            command.add_argument("--to", type=int, metavar="N", help="the version to serve")
+            _switch_wait_argument(command)
+        if name == "prune":
+            command.add_argument("--keep", type=int, required=True, metavar="K", help="versions to keep per model")
+        if name == "verify":
+            command.add_argument("--version", type=int, metavar="N", help="the version to check (default: served)")
+        command.set_defaults(run=globals()[f"cmd_{name}"])
 
     manifests = commands.add_parser(
         "manifests", help="render Kubernetes manifests for a Triton fleet reading the repository in object storage",

@@ -18,7 +18,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from packager import export, optimize, render, repository, source, tensorrt, validate
+from packager import export, fleet, optimize, render, repository, source, storage, tensorrt, validate
 from packager.console import say, step, table
 from packager.cpu import CPU_CLASSES, cpu_class
 from packager.errors import PackagerError, UsageError
@@ -45,7 +45,10 @@ class BuildOptions:
 
 @dataclass(frozen=True)
 class ReleaseOptions:
-    repository: Path = Path("model_repository")
+    repository: Path | str = Path("model_repository")  # a folder, or s3://bucket/prefix
+    s3_endpoint: str | None = None  # default: AWS_ENDPOINT_URL, else AWS's own
+    switch_wait_s: float | None = None  # between the pin switch's phases (None: fleet.switch_wait)
+    servers: tuple[str, ...] = ()  # servers (HTTP host:port) to see loading each phase of a bucket's switch
     version: int | None = None
     force: bool = False
     launcher: str | None = "local"  # the smoke's server; None skips the smoke
@@ -105,12 +108,18 @@ class StagedRelease:
     def publish(self, root: Path, version: int | None = None, force: bool = False) -> repository.PublishResult:
         return repository.publish(root, self.models, self.release, self.gates, version=version, force=force)
 
+    def publish_to(self, store: storage.Store, version: int | None = None, force: bool = False,
+                   switch_wait_s: float | None = None, servers: tuple[str, ...] = ()) -> int:
+        """Publish to a local folder or a bucket (fleet.publish); returns the version."""
+        return fleet.publish(store, self.models, self.release, self.gates, version=version, force=force,
+                             switch_wait_s=switch_wait_s, servers=servers)
+
 
 @dataclass(frozen=True)
 class Released:
     version: int
     models: tuple[str, ...]
-    repository: Path
+    repository: Path | str
     smoke: smoke.SmokeResult | None
 
 
@@ -262,12 +271,19 @@ def release(built: BuildFolder, options: ReleaseOptions) -> Released:
     staged = stage_release(built, loaded)
     staged_smoke = options.launcher not in (None, "url")  # a url server serves its own repository
     smoked = _smoke(built, staged, loaded, options) if staged_smoke else None
-    with step(f"publish to {options.repository}"):
-        published = staged.publish(options.repository, version=options.version, force=options.force)
-    say(f"published version {published.version} of {', '.join(published.paths)} in {options.repository}")
+    store = storage.open_store(options.repository, options.s3_endpoint)
+    with step(f"publish to {store.url}"):
+        version = staged.publish_to(store, version=options.version, force=options.force,
+                                    switch_wait_s=options.switch_wait_s, servers=options.servers)
+    say(f"published version {version} of {', '.join(staged.names)} in {store.url}")
     if options.launcher == "url":
-        smoked = _smoke(built, staged, loaded, options, published=options.repository)
-    return Released(published.version, tuple(published.paths), options.repository, smoked)
+        with tempfile.TemporaryDirectory(prefix="packager-published-") as copy:
+            published = Path(options.repository)
+            if storage.is_s3(options.repository):  # the smoke reads the configs the server serves
+                published = Path(copy)
+                fleet.download(store, staged.names, published)
+            smoked = _smoke(built, staged, loaded, options, published=published)
+    return Released(version, tuple(staged.names), options.repository, smoked)
 
 
 def _smoke(built: BuildFolder, staged: StagedRelease, loaded: source.LoadedModel, options: ReleaseOptions,

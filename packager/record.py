@@ -320,13 +320,20 @@ def write_json(path: Path, record) -> None:
 
 def read_json(kind, path: Path):
     try:
-        data = json.loads(path.read_text())
+        text = path.read_bytes()
     except FileNotFoundError:
         raise PackagerError(f"{path} does not exist") from None
+    return parse_json(kind, text, str(path))
+
+
+def parse_json(kind, text: bytes, where: str):
+    """A record of type `kind` from the JSON `text` (read from `where`), its schema version checked."""
+    try:
+        data = json.loads(text)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise PackagerError(f"{path} is not valid JSON: {exc}") from None
+        raise PackagerError(f"{where} is not valid JSON: {exc}") from None
     schema = data.get("schema") if isinstance(data, dict) else None
     if schema != SCHEMA_VERSION:
-        raise PackagerError(f"{path} has record schema {schema!r}; this packager reads schema {SCHEMA_VERSION}: "
+        raise PackagerError(f"{where} has record schema {schema!r}; this packager reads schema {SCHEMA_VERSION}: "
                             "build or publish it again")
-    return from_data(kind, data, path.name)
+    return from_data(kind, data, where.rsplit("/", 1)[-1])

@@ -7,10 +7,15 @@ A publish adds one version (the next after the highest of its models, or a pinne
 It runs under a lock (fcntl.flock), stages everything in a workspace next to the root on the same filesystem
 (`<parent>/.<root name>.publish/`: a folder inside the root would look like a model to Triton), writes a journal of
 the renames that move the staged folders and configs into place, then performs them in order: version folders
-first, configs last in the order given (the ensembles, which pin the version, after their steps). A version
-folder appears in one rename, so a server polling the repository never sees it half-written. A publish that
-fails, or is killed (SIGKILL) half-way, is rolled back: at once on an exception, else by the next publish (or
-`recover`), which undoes the journal's renames in reverse and leaves the repository exactly as it was.
+first (each appears in one rename, unpinned, so a server polling the repository never loads it half-written), then
+the configs in the order of `pins.plan` (steps list [N, N+1], ensembles switch to N+1, steps drop N), each config
+one rename. A publish that fails, or is killed (SIGKILL) half-way, is rolled back: at once on an exception, else by
+the next publish (or `recover`), which undoes the journal's renames in reverse (the same switch, backwards) and
+leaves the repository exactly as it was.
+
+Every version folder keeps the config it was published with (`<model>/<v>/config.pbtxt`, in its manifest), which
+is what `fleet.rollback` switches back to. Identical files of one publish (the shipped graph in two models) are
+stored once, as hard links.
 
 Serving never changes a published version folder: the python backend's modules (model.py) are byte-compiled when
 staged, into the __pycache__ file their import looks for, and listed in the manifest with every other file.
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import hashlib
 import importlib.util
 import json
 import os
@@ -27,17 +33,19 @@ import py_compile
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from packager import pins
 from packager.console import say
 from packager.errors import PackagerError, UsageError, first_line
+from packager.pins import CONFIG_FILE
 from packager.record import MANIFEST_FILE, Gate, Manifest, Release, sha256
 
-CONFIG_FILE = "config.pbtxt"
 JOURNAL_FILE = "journal.json"
 COMMITTED_FILE = "committed"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # Triton model names; no separators, no leading dot
@@ -66,6 +74,7 @@ class Move:
     src: str
     dst: str
     backup: str | None = None
+    phase: int = 0  # of the pin switch (pins.ConfigWrite.phase); 0: a version folder
 
 
 def check_name(name: str, what: str = "model name") -> str:
@@ -89,19 +98,22 @@ def publish(
     gates: Mapping[str, Gate | None],
     version: int | None = None,
     force: bool = False,
+    switch_wait_s: float = 0.0,
 ) -> PublishResult:
     """Add `version` (default: the next free one) of every model to the repository, atomically.
 
     `models` come in dependency order (steps before the ensembles that pin them), as render_repository returns
     them; each version folder gets a manifest of `release` with the model's gate (`gates`, by model name). An
-    existing version is replaced only with `force`.
+    existing version is replaced only with `force`. `switch_wait_s` passes between the phases of the pin switch
+    (what a server polling the repository needs to load one phase before the next).
     """
     root = Path(repo_root).absolute()
-    _check_models(models)
+    check_models(models)
     workspace = _workspace(root)
-    with _locked(workspace, root):
-        _recover(root, workspace)
-        chosen = _choose_version(root, [m.name for m in models], version, force)
+    with locked(workspace, root):
+        roll_back_interrupted(root, workspace)
+        names = [m.name for m in models]
+        chosen = choose_version({name: versions(root / name) for name in names}, version, force, str(root))
         transaction = Path(tempfile.mkdtemp(prefix="txn-", dir=workspace))
         try:
             try:
@@ -109,7 +121,9 @@ def publish(
                 _write_journal(transaction, moves)
             except OSError as exc:  # e.g. a full disk: nothing has moved yet
                 raise PackagerError(f"cannot stage version {chosen} in {workspace}: {exc.strerror or exc}") from None
-            for move in moves:
+            for previous, move in zip([None, *moves], moves):
+                if switch_wait_s and previous and previous.phase and move.phase != previous.phase:
+                    time.sleep(switch_wait_s)  # polling servers load what the last phase made visible
                 _apply(move)
             (transaction / COMMITTED_FILE).touch()
         except BaseException:
@@ -126,14 +140,14 @@ def recover(repo_root: Path | str) -> int:
     workspace = root.parent / f".{root.name}.publish"
     if not workspace.is_dir():
         return 0
-    with _locked(workspace, root):
-        return _recover(root, workspace)
+    with locked(workspace, root):
+        return roll_back_interrupted(root, workspace)
 
 
 # ---- staging -------------------------------------------------------------------------------------------------
 
 
-def _check_models(models: Sequence[Publishable]) -> None:
+def check_models(models: Sequence[Publishable]) -> None:
     if not models:
         raise UsageError("nothing to publish")
     names = [check_name(model.name) for model in models]
@@ -143,8 +157,8 @@ def _check_models(models: Sequence[Publishable]) -> None:
         for relative in model.files:
             for part in relative.split("/"):
                 check_name(part, f"file name in {model.name}")
-            if relative == MANIFEST_FILE:
-                raise UsageError(f"{model.name}: {MANIFEST_FILE} is written by publish")
+            if relative in (MANIFEST_FILE, CONFIG_FILE):
+                raise UsageError(f"{model.name}: {relative} is written by publish")
 
 
 def _workspace(root: Path) -> Path:
@@ -162,7 +176,7 @@ def _workspace(root: Path) -> Path:
 
 
 @contextmanager
-def _locked(workspace: Path, root: Path) -> Iterator[None]:
+def locked(workspace: Path, root: Path) -> Iterator[None]:
     """Hold the repository's publish lock (released by the kernel if the process dies)."""
     with (workspace / "lock").open("a") as handle:
         try:
@@ -173,62 +187,99 @@ def _locked(workspace: Path, root: Path) -> Iterator[None]:
         yield
 
 
-def _choose_version(root: Path, names: list[str], version: int | None, force: bool) -> int:
-    existing = {name: versions(root / name) for name in names}
+def choose_version(existing: Mapping[str, list[int]], version: int | None, force: bool, where: str) -> int:
+    """The next version after every model's highest (`existing`: model -> its versions), or `version` when free."""
     if version is None:
         return max((v for found in existing.values() for v in found), default=0) + 1
     if version < 1:
         raise UsageError(f"version must be >= 1, got {version}")
     taken = [name for name, found in existing.items() if version in found]
     if taken and not force:
-        raise UsageError(f"version {version} of {', '.join(taken)} exists in {root}; pass --force to replace it")
+        raise UsageError(f"version {version} of {', '.join(taken)} exists in {where}; pass --force to replace it")
     return version
 
 
 def _stage(root: Path, transaction: Path, models: Sequence[Publishable], version: int, release: Release,
            gates: Mapping[str, Gate | None]) -> list[Move]:
-    """Write every model's version folder and config under `transaction`; return the renames, in order."""
-    folders, configs = [], []
+    """Write every model's version folder and configs under `transaction`; return the renames, in order."""
     names = tuple(model.name for model in models)
+    targets = {model.name: model.config_text(version) for model in models}
+    current = {name: _text(root / name / CONFIG_FILE) for name in names}
+    others = {p.parent.name: p.read_text() for p in root.glob(f"*/{CONFIG_FILE}") if p.parent.name not in targets}
+    folders, stored = [], Stored()
     for model in models:
-        staged = transaction / "stage" / model.name
         manifest = Manifest(model.name, names, version, gates.get(model.name), release, {})
-        _write_version(staged / str(version), model, manifest)
-        (staged / CONFIG_FILE).write_text(model.config_text(version))
-        target = root / model.name
-        if not target.exists():  # a new model folder appears in one rename, config and version together
-            configs.append(Move("dir", str(staged), str(target)))
+        staged = transaction / "stage" / model.name
+        write_version(staged / str(version), model, manifest, targets[model.name], stored)
+        if (root / model.name).exists():
+            replaced = root / model.name / str(version)
+            backup = transaction / "replaced" / model.name if replaced.exists() else None
+            folders.append(Move("dir", str(staged / str(version)), str(replaced), str(backup) if backup else None))
+    configs = []
+    for index, write in enumerate(pins.plan(current, targets, pins.kept_by(others))):
+        target, staged = root / write.model, transaction / "stage" / write.model
+        if not target.exists() and not any(move.dst == str(target) for move in configs):
+            (staged / CONFIG_FILE).write_text(write.text)  # a new model appears in one rename, config and version
+            configs.append(Move("dir", str(staged), str(target), phase=write.phase))
             continue
-        replaced = target / str(version)
-        backup = transaction / "replaced" / model.name if replaced.exists() else None
-        folders.append(Move("dir", str(staged / str(version)), str(replaced), str(backup) if backup else None))
-        old_config = target / CONFIG_FILE
-        backup = transaction / "old-configs" / model.name if old_config.exists() else None
-        configs.append(Move("file", str(staged / CONFIG_FILE), str(old_config), str(backup) if backup else None))
+        source = transaction / "configs" / f"{index}-{write.model}"
+        source.parent.mkdir(parents=True, exist_ok=True)
+        source.write_text(write.text)
+        backup = transaction / "old-configs" / f"{index}-{write.model}"
+        configs.append(Move("file", str(source), str(target / CONFIG_FILE), str(backup), write.phase))
     for move in folders + configs:
         if move.backup:
             Path(move.backup).parent.mkdir(parents=True, exist_ok=True)
     return folders + configs
 
 
-def _write_version(folder: Path, model: Publishable, manifest: Manifest) -> None:
-    folder.mkdir(parents=True)
-    for relative, source in model.files.items():
-        _write_file(folder / relative, source, model.name)
-    compiled = [_byte_compile(folder, relative, model.name) for relative in model.files if _backend_module(relative)]
-    digests = {relative: sha256(folder / relative) for relative in [*model.files, *compiled]}
-    dataclasses.replace(manifest, files=digests).write(folder)
+def _text(path: Path) -> str | None:
+    return path.read_text() if path.is_file() else None
 
 
-def _write_file(path: Path, source: Path | bytes, model_name: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(source, bytes):
-        path.write_bytes(source)
-        return
+@dataclass
+class Stored:
+    """The files one publish has written, by SHA-256: an identical file is linked to the first, not copied."""
+
+    by_digest: dict[str, Path] = dataclasses.field(default_factory=dict)
+
+    def write(self, path: Path, source: Path | bytes, model_name: str) -> str:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256(source).hexdigest() if isinstance(source, bytes) else _digest(source, model_name)
+        first = self.by_digest.get(digest)
+        try:
+            if first is not None:
+                os.link(first, path)
+            elif isinstance(source, bytes):
+                path.write_bytes(source)
+            else:
+                shutil.copyfile(source, path)
+        except OSError as exc:
+            raise PackagerError(f"cannot copy {source if isinstance(source, Path) else 'data'} into {model_name}: "
+                                f"{exc.strerror}") from None
+        self.by_digest.setdefault(digest, path)
+        return digest
+
+
+def _digest(source: Path, model_name: str) -> str:
     try:
-        shutil.copyfile(source, path)
+        return sha256(source)
     except OSError as exc:
         raise PackagerError(f"cannot copy {source} into {model_name}: {exc.strerror}") from None
+
+
+def write_version(folder: Path, model: Publishable, manifest: Manifest, config: str, stored: Stored) -> dict[str, str]:
+    """A complete version folder: the model's files, their byte-compiled modules, the config it is published with,
+    and the manifest listing every file's SHA-256 (returned)."""
+    folder.mkdir(parents=True)
+    digests = {relative: stored.write(folder / relative, source, model.name)
+               for relative, source in model.files.items()}
+    digests[CONFIG_FILE] = stored.write(folder / CONFIG_FILE, config.encode(), model.name)
+    for relative in [r for r in model.files if _backend_module(r)]:
+        compiled = _byte_compile(folder, relative, model.name)
+        digests[compiled] = sha256(folder / compiled)
+    dataclasses.replace(manifest, files=dict(sorted(digests.items()))).write(folder)
+    return digests
 
 
 def _backend_module(relative: str) -> bool:
@@ -300,7 +351,7 @@ def _roll_back(transaction: Path) -> bool:
     return True
 
 
-def _recover(root: Path, workspace: Path) -> int:
+def roll_back_interrupted(root: Path, workspace: Path) -> int:
     """Clear the transactions left in the workspace (their publishers died), rolling back uncommitted moves."""
     rolled_back = 0
     for transaction in sorted(p for p in workspace.iterdir() if p.is_dir() and p.name.startswith("txn-")):

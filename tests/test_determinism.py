@@ -60,6 +60,9 @@ def test_manifests_differ_only_in_version_and_creation_time(two_releases):
         first, second = (to_data(Manifest.read(repository / name / str(version))) for version in (1, 2))
         assert (first.pop("version"), second.pop("version")) == (1, 2)
         first["release"].pop("created"), second["release"].pop("created")
+        configs = [(repository / name / str(version) / "config.pbtxt").read_text() for version in (1, 2)]
+        assert unpinned(configs[0]) == unpinned(configs[1]), "each version keeps its config, which pins it"
+        first["files"].pop("config.pbtxt"), second["files"].pop("config.pbtxt")
         assert first == second, name
         assert first["release"]["build"]["graphs"] and first["release"]["build"]["engine_stats"] is None
     assert Manifest.read(repository / f"{released.models[1]}" / "2").files, "file digests are part of the check"

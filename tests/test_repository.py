@@ -161,8 +161,14 @@ def test_publish_lays_out_models_versions_and_manifests(exported, root):
     names = ["tiny_tokenizer", "tiny_onnx_python", "tiny_python", "tiny_onnx", "tiny"]
     assert result.version == 1 and result.paths == {name: root / name / "1" for name in names}
     assert sorted(p.name for p in root.iterdir()) == sorted(names), "only model folders in the repository"
-    assert sorted(p.name for p in (root / "tiny_onnx" / "1").iterdir()) == ["manifest.json", "model.onnx"]
-    assert sorted(p.name for p in (root / "tiny" / "1").iterdir()) == ["manifest.json"], "the ensemble's version"
+    assert sorted(p.name for p in (root / "tiny_onnx" / "1").iterdir()) == ["config.pbtxt", "manifest.json",
+                                                                           "model.onnx"]
+    assert sorted(p.name for p in (root / "tiny" / "1").iterdir()) == ["config.pbtxt", "manifest.json"]
+    for name in names:  # each version keeps the config it was published with (what a rollback switches back to)
+        assert (root / name / "1" / "config.pbtxt").read_text() == (root / name / "config.pbtxt").read_text()
+    graphs = [root / "tiny_onnx" / "1" / "model.onnx", root / "tiny_onnx_python" / "1" / "model.onnx"]
+    assert graphs[0].stat().st_ino == graphs[1].stat().st_ino and graphs[0].stat().st_nlink == 2, \
+        "the graph both models serve is stored once (a hard link)"
     assert (root / "tiny_tokenizer" / "1" / "tokenizer" / "tokenizer.json").is_file()
     for name in names:
         assert parse(root / name / "config.pbtxt").name == name and complete(root / name / "1")
@@ -369,7 +375,7 @@ def assert_killed_publish_is_undone(root: Path, before: dict[str, str], moved: b
     assert not list(workspace(root).glob("txn-*"))
 
 
-@pytest.mark.parametrize("scenario, moves", [("next version, two new models", 8), ("forced replacement", 6)])
+@pytest.mark.parametrize("scenario, moves", [("next version, two new models", 10), ("forced replacement", 3)])
 def test_a_publish_killed_at_any_point_leaves_the_repository_exactly_as_it_was(exported, root, tmp_path, scenario,
                                                                                moves):
     publish(root, exported, PYTHON_ONLY, build="original")

@@ -29,6 +29,7 @@ from tritonclient.utils import InferenceServerException
 
 from packager.console import keep_log
 from packager.errors import PackagerError, UsageError
+from packager.storage import is_s3
 from packager.triton import LAUNCHER_NAMES
 from packager.triton import backends as built_backends
 from packager.triton.docker import DockerLauncher
@@ -76,7 +77,8 @@ class LocalLauncher:
     """The tritonserver binary from the nvidia-pytriton wheel, run in its own process group, with the wheel's
     backends and the onnxruntime backend built for it (when `make triton-backends` has built it)."""
 
-    def __init__(self, log_path: Path | str | None = None):
+    def __init__(self, log_path: Path | str | None = None, server_args: tuple[str, ...] = ()):
+        self._server_args = server_args  # e.g. ("--model-control-mode=poll",): replace the defaults they name
         self._tempdir = tempfile.TemporaryDirectory(prefix="triton-")  # removed on stop, log included
         self._workdir = Path(self._tempdir.name)
         self._log_path = Path(log_path) if log_path else self._workdir / "tritonserver.log"
@@ -85,15 +87,17 @@ class LocalLauncher:
     def backends(cls) -> frozenset[str]:
         return frozenset(_backend_folders(built_backends.wheel_server_dir()))
 
-    def start(self, repository: Path) -> TritonServer:
+    def start(self, repository: Path | str) -> TritonServer:
         server_dir = built_backends.wheel_server_dir()
         http, grpc, metrics = free_ports(3)
+        named = {arg.split("=", 1)[0] for arg in self._server_args}
         command = [
             str(server_dir / "bin" / "tritonserver"),
-            f"--model-repository={repository.resolve()}",
+            f"--model-repository={repository if is_s3(repository) else Path(repository).resolve()}",
             f"--backend-directory={self._backend_directory(server_dir)}",
             *_bind_flags("127.0.0.1", http, grpc, metrics),
-            *SERVER_FLAGS,
+            *[flag for flag in SERVER_FLAGS if flag.split("=", 1)[0] not in named],
+            *self._server_args,
             *CPU_FLAGS,
         ]
         process = spawn(command, self._log_path, self._environment())
@@ -170,7 +174,9 @@ def serve(
 ) -> Iterator[TritonServer]:
     """Start a server on `repository`, wait until it is ready, yield it, and always stop it.
 
-    `options` go to the launcher: local `log_path`; docker `image`, `gpus`, `log_path`; url `url`, `grpc_url`.
+    `repository` is a folder, or s3://HOST:PORT/BUCKET/PREFIX for a local server reading a bucket.
+    `options` go to the launcher: local `log_path`, `server_args`; docker `image`, `gpus`, `log_path`; url `url`,
+    `grpc_url`.
     Without `log_path` the log lives in a temporary folder removed when the server stops.
     """
     launcher_class = _launcher_class(launcher_name)
@@ -178,7 +184,7 @@ def serve(
         launcher = launcher_class(**options)
     except TypeError as error:
         raise UsageError(f"Triton launcher {launcher_name!r}: {error}") from None
-    server = launcher.start(Path(repository))
+    server = launcher.start(repository if is_s3(repository) else Path(repository))
     try:
         wait_until_ready(server, ready_timeout_s)
         yield server
