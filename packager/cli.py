@@ -170,7 +170,7 @@ def cmd_manifests(args: argparse.Namespace) -> int:
     recipe = _recipe(args)
     from packager import manifests
 
-    rendered = manifests.render_manifests(recipe, args.repository, args.endpoint_url)
+    rendered = manifests.render_manifests(recipe, args.repository, args.s3_endpoint)
     out = Path(args.out) if args.out else Path("manifests") / recipe.name
     for manifest, path in zip(rendered, manifests.write_manifests(rendered, out)):
         say(f"{path}: {manifest.describe()}")
@@ -344,8 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arguments(manifests)
     manifests.add_argument("--repository", required=True, metavar="s3://BUCKET/PREFIX",
                            help="the model repository in object storage the servers read")
-    manifests.add_argument("--endpoint-url", metavar="URL",
-                           help="an S3-compatible endpoint, http(s)://host[:port] (default: AWS itself)")
+    manifests.add_argument("--s3-endpoint", metavar="URL",
+                           help="the S3-compatible endpoint the servers reach, http(s)://host[:port] (default: AWS "
+                                "itself; $AWS_ENDPOINT_URL is not read: the pods' endpoint may differ from this host's)")
     manifests.add_argument("--triton-release", choices=list(TRITON_RELEASES),
                            help="the release whose tritonserver image serves (default: the recipe's [tensorrt] "
                                 "triton_release)")

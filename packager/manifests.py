@@ -201,7 +201,7 @@ def _s3_location(repository: str) -> tuple[str, str]:
         raise UsageError(f"--repository {repository!r}: a fleet reads object storage; give s3://bucket/prefix")
     bucket, _, prefix = repository.removeprefix("s3://").partition("/")
     if not _BUCKET.fullmatch(bucket):
-        hint = "; an S3-compatible endpoint goes in --endpoint-url" if ":" in bucket else ""
+        hint = "; an S3-compatible endpoint goes in --s3-endpoint" if ":" in bucket else ""
         raise UsageError(f"--repository {repository!r}: {bucket!r} is not an S3 bucket name (3-63 lowercase letters, "
                          f"digits, '.', '-'){hint}")
     prefix = prefix.strip("/")
@@ -214,7 +214,7 @@ def _endpoint(url: str) -> str:
     """An S3-compatible endpoint http(s)://host[:port], as given; UsageError otherwise."""
     parsed = urllib.parse.urlsplit(url)
     if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.path.strip("/") or parsed.query:
-        raise UsageError(f"--endpoint-url {url!r}: give http(s)://host[:port]")
+        raise UsageError(f"--s3-endpoint {url!r}: give http(s)://host[:port]")
     return f"{parsed.scheme}://{parsed.netloc}"
 
 

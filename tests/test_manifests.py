@@ -79,8 +79,8 @@ def test_the_command_imports_no_heavy_library(tmp_path):
 
 @pytest.mark.parametrize(("arguments", "message"), [
     (["--repository", "model_repository"], "a fleet reads object storage; give s3://bucket/prefix"),
-    (["--repository", "s3://127.0.0.1:9000/models"], "an S3-compatible endpoint goes in --endpoint-url"),
-    (["--repository", REPOSITORY, "--endpoint-url", "minio:9000"], "give http(s)://host[:port]"),
+    (["--repository", "s3://127.0.0.1:9000/models"], "an S3-compatible endpoint goes in --s3-endpoint"),
+    (["--repository", REPOSITORY, "--s3-endpoint", "minio:9000"], "give http(s)://host[:port]"),
 ])
 def test_bad_input_is_one_line_and_exit_2_and_writes_nothing(tmp_path, capsys, arguments, message):
     assert main(["manifests", "bert", *arguments, "--out", str(tmp_path / "out")]) == 2
