@@ -112,9 +112,9 @@ def graph_io(spec: iospec.IOSpec, tensors) -> list[tuple[str, str, list[int]]]:
 # ---- golden files and the graph's names -------------------------------------------------------------------------
 
 
-def test_rendered_configs_match_the_golden_files(tiny):
-    models = tiny.render()
-    folder = GOLDEN / tiny.recipe.name
+def assert_golden(models: dict, folder: Path) -> None:
+    """Each rendered config (version 1) equals its golden file in `folder`, and no golden file is left over;
+    UPDATE_GOLDEN=1 rewrites them."""
     if os.environ.get("UPDATE_GOLDEN"):
         folder.mkdir(parents=True, exist_ok=True)
         for stale in folder.glob("*.pbtxt"):
@@ -124,6 +124,10 @@ def test_rendered_configs_match_the_golden_files(tiny):
     assert sorted(p.stem for p in folder.glob("*.pbtxt")) == sorted(models)
     for name, model in models.items():
         assert model.config_text(1) == (folder / f"{name}.pbtxt").read_text(), f"{name} differs from its golden file"
+
+
+def test_rendered_configs_match_the_golden_files(tiny):
+    assert_golden(tiny.render(), GOLDEN / tiny.recipe.name)
 
 
 def test_every_config_carries_the_onnx_graphs_names_types_and_dims(any_task):

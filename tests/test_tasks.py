@@ -8,7 +8,6 @@ Regenerate the golden files with `UPDATE_GOLDEN=1 pytest tests/test_tasks.py -k 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from packager import export, render, source, validate
 from packager.errors import PackagerError, UsageError
 from packager.recipe import Profile, Range, Tolerances, load_recipe
 from packager.tasks import get_task
+from tests.test_render import assert_golden
 from tests.tiny_families import write_tiny
 from tests.tiny_model import tiny_recipe, write_tiny_bert
 
@@ -171,16 +171,7 @@ def rendered(folders, tmp_path_factory) -> dict[str, dict[str, render.RenderedMo
 
 @pytest.mark.parametrize("task", NEW_TASKS)
 def test_rendered_configs_of_each_new_task_match_the_golden_files(rendered, task):
-    models, folder = rendered[task], GOLDEN / CELLS[task][0]
-    if os.environ.get("UPDATE_GOLDEN"):
-        folder.mkdir(parents=True, exist_ok=True)
-        for stale in folder.glob("*.pbtxt"):
-            stale.unlink()
-        for name, model in models.items():
-            (folder / f"{name}.pbtxt").write_text(model.config_text(1))
-    assert sorted(p.stem for p in folder.glob("*.pbtxt")) == sorted(models)
-    for name, model in models.items():
-        assert model.config_text(1) == (folder / f"{name}.pbtxt").read_text(), f"{name} differs from its golden file"
+    assert_golden(rendered[task], GOLDEN / CELLS[task][0])
 
 
 @pytest.mark.parametrize("task", NEW_TASKS)
