@@ -16,7 +16,7 @@ from pathlib import Path
 from packager.console import error, keep_log, say, table
 from packager.errors import PackagerError, first_line
 from packager.recipe import DEVICES, PRECISIONS, TARGETS, Range, Recipe, known_recipes, load_recipe
-from packager.releases import TRITON_RELEASES
+from packager.releases import PYTRITON_RELEASE, TRITON_RELEASES, tritonserver_image
 from packager.storage import is_s3, open_store
 from packager.triton import LAUNCHER_NAMES
 
@@ -239,7 +239,8 @@ def _server_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--grpc-url", help="with --launcher url: the server's gRPC host:port")
     group.add_argument("--image", help="with --launcher docker: the image, e.g. the local CPU one that `make "
                                        "triton-image` builds (default: $TRITON_DOCKER_IMAGE or "
-                                       "nvcr.io/nvidia/tritonserver:24.10-py3, all backends, --gpus all on a GPU host)")
+                                       f"{tritonserver_image(PYTRITON_RELEASE)}, all backends, --gpus all on a GPU "
+                                       "host)")
 
 
 def _release_arguments(parser: argparse.ArgumentParser) -> None:

@@ -33,6 +33,10 @@ TRITON_RELEASES: dict[str, TritonRelease] = {
 DATACENTER_DRIVERS: dict[int, str] = {470: "470.57", 525: "525.85", 535: "535.86", 545: "545.23"}
 
 
+# The NGC release of the tritonserver (2.51.0) that the PyPI wheel nvidia-pytriton 0.7 ships: the local launcher's.
+PYTRITON_RELEASE = "24.10"
+
+
 def tritonserver_image(release: str) -> str:
     """NVIDIA's Triton server image of a release (all backends, python included)."""
     return f"nvcr.io/nvidia/tritonserver:{release}-py3"

@@ -18,11 +18,11 @@ import uuid
 from pathlib import Path
 
 from packager.errors import PackagerError
+from packager.releases import PYTRITON_RELEASE, tritonserver_image
 from packager.triton.process import CPU_FLAGS, SERVER_FLAGS, TritonServer, free_ports, spawn, stop_process
 
 DOCKER_IMAGE_ENV = "TRITON_DOCKER_IMAGE"
-# The NGC release line of the tritonserver (2.51.0) in nvidia-pytriton 0.7.
-DEFAULT_DOCKER_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
+DEFAULT_DOCKER_IMAGE = tritonserver_image(PYTRITON_RELEASE)  # the local launcher's server, in NVIDIA's image
 CONTAINER_PREFIX = "triton-packager-"
 CONTAINER_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 LOCAL_IMAGE = "triton-packager/tritonserver:cpu"  # the latest `make triton-image` (scripts/triton_image.py)
