@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import traceback
 from pathlib import Path
 
@@ -88,19 +87,14 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 def cmd_smoke(args: argparse.Namespace) -> int:
     recipe = _recipe(args)
-    from packager import source
+    from packager import fleet, source
     from packager.triton import smoke
     from packager.triton.discovery import published_models
     from packager.triton.reference import Reference
 
-    with tempfile.TemporaryDirectory(prefix="packager-smoke-") as copy:
-        repository = args.repository
-        if is_s3(repository):  # served from a local copy of the bucket's pinned versions (the same bytes)
-            from packager import fleet
-
-            store = open_store(repository, args.s3_endpoint)
-            repository = copy
-            fleet.download(store, fleet.recipe_models(store, recipe.name), Path(copy))
+    store = _store(args)
+    served = fleet.recipe_models(store, recipe.name) if is_s3(args.repository) else []
+    with fleet.served_copy(args.repository, store, served) as repository:
         names, spec = published_models(repository, recipe.name)
         reference = Reference.of(recipe, spec, source.load(recipe))
         result = smoke.smoke(repository, reference, args.launcher, models=names, **_launcher_options(args))
@@ -117,8 +111,9 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     from packager import fleet
 
     store = _store(args)
-    version = fleet.rollback(store, _recipe(args).name, args.to, args.switch_wait, args.wait_ready)
-    say(f"{store.url}: '{_recipe(args).name}' serves version {version}")
+    name = _recipe(args).name
+    version = fleet.rollback(store, name, args.to, args.switch_wait, args.wait_ready)
+    say(f"{store.url}: '{name}' serves version {version}")
     return 0
 
 
@@ -347,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="the model repository in object storage the servers read")
     manifests.add_argument("--s3-endpoint", metavar="URL",
                            help="the S3-compatible endpoint the servers reach, http(s)://host[:port] (default: AWS "
-                                "itself; $AWS_ENDPOINT_URL is not read: the pods' endpoint may differ from this host's)")
+                                "itself; $AWS_ENDPOINT_URL is not read: the pods' endpoint may differ from this "
+                                "host's)")
     manifests.add_argument("--triton-release", choices=list(TRITON_RELEASES),
                            help="the release whose tritonserver image serves (default: the recipe's [tensorrt] "
                                 "triton_release)")

@@ -24,7 +24,8 @@ import re
 import tempfile
 import time
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,12 +181,9 @@ def remove_version(store: Store, model: str, version: int) -> None:
         store.remove_folder(f"{model}/{version}")
         return
     keys = list(store.sizes(f"{model}/{version}/"))
-    store.delete(sorted(keys, key=lambda key: (not key.endswith(MANIFEST_FILE), _is_module(key, model, version))))
-
-
-def _is_module(key: str, model: str, version: int) -> bool:
-    relative = key[len(f"{model}/{version}/"):]
-    return "/" not in relative and relative.endswith(".py")
+    folder = f"{model}/{version}/"
+    store.delete(sorted(keys, key=lambda key: (not key.endswith(MANIFEST_FILE),
+                                               repository.backend_module(key.removeprefix(folder)))))
 
 
 def recover(store: Store) -> bool:
@@ -260,17 +258,15 @@ def _upload(store: Store, staging: Path, models: Sequence[repository.Publishable
         record = Manifest(model.name, names, version, gates.get(model.name), release, {})
         repository.write_version(folder, model, record, targets[model.name], stored)
         files = [p for p in folder.rglob("*") if p.is_file()]
-        for path in sorted(files, key=lambda p: (p.name == MANIFEST_FILE, not _top_module(p, folder), str(p))):
-            key = f"{model.name}/{version}/{path.relative_to(folder).as_posix()}"
+        relative = {path: path.relative_to(folder).as_posix() for path in files}
+        for path in sorted(files, key=lambda p: (p.name == MANIFEST_FILE, not repository.backend_module(relative[p]),
+                                                 str(p))):
+            key = f"{model.name}/{version}/{relative[path]}"
             if pause:
                 time.sleep(pause)
             store.upload(key, path)
             uploaded[key] = path.stat().st_size
     return uploaded
-
-
-def _top_module(path: Path, folder: Path) -> bool:
-    return path.parent == folder and path.suffix == ".py"
 
 
 def _verify_upload(store: Store, version: int, uploaded: Mapping[str, int]) -> None:
@@ -305,7 +301,7 @@ def rollback(store: Store, recipe: str, to: int | None = None, switch_wait_s: fl
         available = {name: set(versions(store, name)) for name in names}
         if to is None:
             older = [v for v in set.union(*available.values()) if now is None or v < now]
-            candidates = [v for v in sorted(older, reverse=True) if _restorable(store, names, v)]
+            candidates = [v for v in sorted(older, reverse=True) if _restorable(store, available, v)]
             if not candidates:
                 raise UsageError(f"no version of '{recipe}' older than {now} to roll back to in {store.url}")
             to = candidates[0]
@@ -326,9 +322,10 @@ def rollback(store: Store, recipe: str, to: int | None = None, switch_wait_s: fl
     return to
 
 
-def _restorable(store: Store, names: Sequence[str], version: int) -> bool:
-    return all(store.read(f"{name}/{version}/{CONFIG_FILE}") is not None for name in names
-               if version in versions(store, name))
+def _restorable(store: Store, available: Mapping[str, set[int]], version: int) -> bool:
+    """Every model that has `version` keeps the config it was published with."""
+    return all(store.read(f"{name}/{version}/{CONFIG_FILE}") is not None for name, found in available.items()
+               if version in found)
 
 
 def _require_complete(store: Store, name: str, version: int) -> None:
@@ -373,8 +370,9 @@ def verify(store: Store, recipe: str, version: int | None = None) -> tuple[int, 
     checked, problems = 0, []
     for name in names:
         wanted = [version] if version is not None else sorted(pins.pinned(current[name]))
+        present = versions(store, name)
         for number in wanted:
-            if number not in versions(store, name):
+            if number not in present:
                 if version is None:
                     problems.append(Problem(name, number, "-", "pinned but missing"))
                 continue
@@ -414,6 +412,18 @@ def status_table(facts: Sequence[VersionFacts]) -> str:
                      found.release.weights_sha256[:12] if found else "-",
                      len(found.files) if found else "-", found.release.source if found else "-"])
     return table(["model", "version", "served", "created", "gate", "weights", "files", "source"], rows)
+
+
+@contextmanager
+def served_copy(repository: Path | str, store: Store, names: Sequence[str]) -> Iterator[Path]:
+    """A local folder holding `names` as the repository serves them: the folder itself, or for a bucket a temporary
+    copy of their configs and pinned versions (the same bytes), removed on exit."""
+    if isinstance(store, LocalStore):
+        yield Path(repository)
+        return
+    with tempfile.TemporaryDirectory(prefix="packager-served-") as copy:
+        download(store, names, Path(copy))
+        yield Path(copy)
 
 
 def download(store: Store, names: Sequence[str], folder: Path) -> None:

@@ -277,11 +277,7 @@ def release(built: BuildFolder, options: ReleaseOptions) -> Released:
                                     switch_wait_s=options.switch_wait_s, servers=options.servers)
     say(f"published version {version} of {', '.join(staged.names)} in {store.url}")
     if options.launcher == "url":
-        with tempfile.TemporaryDirectory(prefix="packager-published-") as copy:
-            published = Path(options.repository)
-            if storage.is_s3(options.repository):  # the smoke reads the configs the server serves
-                published = Path(copy)
-                fleet.download(store, staged.names, published)
+        with fleet.served_copy(options.repository, store, staged.names) as published:  # the configs it serves
             smoked = _smoke(built, staged, loaded, options, published=published)
     return Released(version, tuple(staged.names), options.repository, smoked)
 

@@ -275,14 +275,14 @@ def write_version(folder: Path, model: Publishable, manifest: Manifest, config: 
     digests = {relative: stored.write(folder / relative, source, model.name)
                for relative, source in model.files.items()}
     digests[CONFIG_FILE] = stored.write(folder / CONFIG_FILE, config.encode(), model.name)
-    for relative in [r for r in model.files if _backend_module(r)]:
+    for relative in [r for r in model.files if backend_module(r)]:
         compiled = _byte_compile(folder, relative, model.name)
         digests[compiled] = sha256(folder / compiled)
     dataclasses.replace(manifest, files=dict(sorted(digests.items()))).write(folder)
     return digests
 
 
-def _backend_module(relative: str) -> bool:
+def backend_module(relative: str) -> bool:
     """A module Triton's python backend imports: model.py, or another .py file at the top of the version folder."""
     return "/" not in relative and relative.endswith(".py")
 

@@ -103,7 +103,14 @@ def encode(tokenizer: "PreTrainedTokenizerBase", examples: list[Example] | tuple
 def tokenize(tokenizer: "PreTrainedTokenizerBase", spec: IOSpec, texts: list[Example], sequence: int,
              truncation: str = "longest_first") -> Inputs:
     """Tokenize to exactly `sequence` tokens (truncate and pad), in the IO spec's names and dtypes."""
-    encoded = encode(tokenizer, texts, truncation, padding="max_length", max_length=sequence, return_tensors="np")
+    return _spec_inputs(spec, _padded(tokenizer, texts, truncation, sequence))
+
+
+def _padded(tokenizer: "PreTrainedTokenizerBase", texts: list[Example], truncation: str, sequence: int):
+    return encode(tokenizer, texts, truncation, padding="max_length", max_length=sequence, return_tensors="np")
+
+
+def _spec_inputs(spec: IOSpec, encoded) -> Inputs:
     return {t.name: np.asarray(encoded[t.name]).astype(t.numpy_dtype) for t in spec.inputs}
 
 
@@ -111,15 +118,14 @@ def encode_batch(tokenizer: "PreTrainedTokenizerBase", spec: IOSpec, task: "Task
                  sequence: int) -> ValidationBatch:
     """The examples tokenized to exactly `sequence` tokens as the task truncates; pairs mark their second text."""
     truncation = task.truncation if task else "longest_first"
-    inputs = tokenize(tokenizer, spec, examples, sequence, truncation)
+    encoded = _padded(tokenizer, examples, truncation, sequence)
     context = None
     if task is not None and task.pairs:
-        encoded = encode(tokenizer, examples, truncation, padding="max_length", max_length=sequence)
         if not encoded.is_fast:
             raise PackagerError(f"the {task.name} task needs a fast tokenizer (tokenizer.json) to find the tokens of "
                                 "each text of a pair")
         context = np.array([[1 if s == 1 else 0 for s in encoded.sequence_ids(row)] for row in range(len(examples))])
-    return ValidationBatch.of(examples, inputs, context)
+    return ValidationBatch.of(examples, _spec_inputs(spec, encoded), context)
 
 
 def token_lengths(tokenizer: "PreTrainedTokenizerBase", task: "Task | None", examples: list[Example],
@@ -312,16 +318,15 @@ def best_spans(start: np.ndarray, end: np.ndarray, context: np.ndarray) -> np.nd
     """(batch, 2): per row the (start, end) token of the best answer inside the context, as transformers' QA
     pipeline picks it: the largest start + end score with start <= end < start + MAX_ANSWER_TOKENS."""
     spans = np.zeros((len(start), 2), np.int64)
+    square = np.ones((start.shape[1], start.shape[1]), bool)
+    band = np.triu(square) & ~np.triu(square, MAX_ANSWER_TOKENS)  # start <= end < start + MAX_ANSWER_TOKENS
     for row in range(len(start)):
         inside = context[row].astype(bool)
         if not inside.any():
             spans[row] = (-1, -1)
             continue
         scores = start[row][:, None].astype(np.float64) + end[row][None, :]
-        length = len(inside)
-        allowed = np.triu(np.ones((length, length), bool)) & ~np.triu(np.ones((length, length), bool),
-                                                                       MAX_ANSWER_TOKENS)
-        allowed &= inside[:, None] & inside[None, :]
+        allowed = band & inside[:, None] & inside[None, :]
         spans[row] = np.unravel_index(np.where(allowed, scores, -np.inf).argmax(), scores.shape)
     return spans
 
