@@ -245,28 +245,27 @@ def _entities(name: str, tokenizer: RenderedModel, model: RenderedModel, inputs:
     text -> tokenizer -> model -> entity groups."""
     task = get_task(inputs.recipe.task)
     text, logits = text_input_names(inputs.recipe)[0], inputs.spec.tensor(task.metric_output)
-    hf_tokenizer = inputs.artifacts.tokenizer
-    saved = _tokenizer_files(hf_tokenizer)
-    if FAST_TOKENIZER_FILE not in saved:
+    tokenizer_files = {path: data for path, data in tokenizer.files.items()
+                       if path.startswith(f"{TOKENIZER_FOLDER}/")}  # the tokenizer model's, saved once
+    if f"{TOKENIZER_FOLDER}/{FAST_TOKENIZER_FILE}" not in tokenizer_files:
         raise PackagerError("[serving] entities needs a fast tokenizer (tokenizer.json): character offsets come from it")
     if len(inputs.artifacts.labels) != logits.dims[-1]:
         raise PackagerError(f"[serving] entities needs a label for each of the {logits.dims[-1]} logits; the model's "
                             f"config names {len(inputs.artifacts.labels)}")
-    string = {"data_type": "TYPE_STRING", "dims": [1], "ragged": False}
     step_name = name + ENTITY_GROUPS_SUFFIX
     files: dict[str, Path | bytes] = {
         "model.py": PYTHON_MODELS / "entities_model.py",
         ENCODING_FILE: tokenizer.files[ENCODING_FILE],
         ENTITIES_FILE: (json.dumps({"labels": list(inputs.artifacts.labels), "ignore_labels": list(IGNORED_LABELS),
-                                    "unk_id": hf_tokenizer.unk_token_id}, indent=2) + "\n").encode(),
-        **{f"{TOKENIZER_FOLDER}/{path}": data for path, data in saved.items()},
+                                    "unk_id": inputs.artifacts.tokenizer.unk_token_id}, indent=2) + "\n").encode(),
+        **tokenizer_files,
     }
     step = RenderedModel(step_name, "entities.pbtxt.j2", {
         "name": step_name,
         "recipe": inputs.recipe.name,
         "max_batch_size": inputs.recipe.profile.batch.max,
-        "inputs": [{"name": text, **string}, _tensor(logits)],
-        "outputs": [{"name": ENTITIES_OUTPUT, **string}],
+        "inputs": [_string_tensor(text), _tensor(logits)],
+        "outputs": [_string_tensor(ENTITIES_OUTPUT)],
         "instance": {"kind": "KIND_CPU", "count": inputs.serving.tokenizer_instances, "profiles": []},
         "parameters": {"max_sequence_length": str(inputs.recipe.profile.sequence.max),
                        "tokenizer_folder": TOKENIZER_FOLDER},
@@ -277,8 +276,8 @@ def _entities(name: str, tokenizer: RenderedModel, model: RenderedModel, inputs:
         "name": ensemble_name,
         "recipe": inputs.recipe.name,
         "max_batch_size": model.context["max_batch_size"],
-        "inputs": [{"name": text, **string}],
-        "outputs": [{"name": ENTITIES_OUTPUT, **string}],
+        "inputs": [_string_tensor(text)],
+        "outputs": [_string_tensor(ENTITIES_OUTPUT)],
         "steps": [
             {"model": tokenizer.name, "input_map": {text: text}, "output_map": tensors},
             {"model": model.name, "input_map": tensors, "output_map": {logits.name: logits.name}},
@@ -342,9 +341,13 @@ def text_input_names(recipe: Recipe) -> tuple[str, ...]:
     return get_task(recipe.task).text_inputs or (recipe.serving.text_input,)
 
 
+def _string_tensor(name: str) -> dict:
+    """One string per batch row."""
+    return {"name": name, "data_type": "TYPE_STRING", "dims": [1], "ragged": False}
+
+
 def _text_tensors(recipe: Recipe) -> list[dict]:
-    return [{"name": name, "data_type": "TYPE_STRING", "dims": [1], "ragged": False}
-            for name in text_input_names(recipe)]
+    return [_string_tensor(name) for name in text_input_names(recipe)]
 
 
 def _warmup(spec: IOSpec, shapes: list[Mapping[str, Shape]]) -> list[dict]:
