@@ -180,13 +180,8 @@ class Checks:
 
     def unknown_prompt(self, model: Model) -> tuple[bool, str]:
         """A prompt_name the model does not have is refused, naming the prompts it has."""
-        try:
-            self.client.infer(model.name, model.text_request(self.reference.examples[:1]), model.output_names,
-                              parameters={"prompt_name": UNKNOWN_PROMPT})
-        except InferenceServerException as error:
-            message = error_text(error)
-            return f"unknown prompt_name '{UNKNOWN_PROMPT}'" in message, message
-        return False, "Triton accepted the request"
+        return self.refused(model, model.text_request(self.reference.examples[:1]),
+                            re.escape(f"unknown prompt_name '{UNKNOWN_PROMPT}'"), {"prompt_name": UNKNOWN_PROMPT})
 
     def tokens(self, model: Model, cases: dict[str, tuple[Example, ...]]) -> tuple[bool, str]:
         for case, texts in cases.items():
@@ -281,9 +276,10 @@ class Checks:
         valid = self._inputs(models[0], self.reference.tokenize(self.reference.examples[:1]))
         return self.attempt(check, unknown.name, self.refused, unknown, valid, "unknown model")
 
-    def refused(self, model: Model, inputs: Inputs, expected: str) -> tuple[bool, str]:
+    def refused(self, model: Model, inputs: Inputs, expected: str, parameters: dict | None = None) -> tuple[bool, str]:
+        """The request (with request `parameters`) gets Triton's error matching the pattern `expected`."""
         try:
-            self.client.infer(model.name, inputs, model.output_names)
+            self.client.infer(model.name, inputs, model.output_names, parameters)
         except InferenceServerException as error:
             message = error_text(error)
             return re.search(expected, message) is not None, message
